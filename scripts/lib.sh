@@ -37,7 +37,7 @@ series_files() {
 export_series_to() {
     local out=$1
     mkdir -p "$out"
-    git -C "$SRC" format-patch -q --zero-commit --no-signature -N \
-        --no-stat -o "$out" debian-base..HEAD >/dev/null || return 1
+    git -C "$SRC" format-patch -q --zero-commit --no-signature -N --stat=72 \
+        -o "$out" debian-base..HEAD >/dev/null || return 1
     (cd "$out" && ls -1 -- *.patch 2>/dev/null) > "$out/series" || true
 }
