@@ -10,10 +10,19 @@
 #      what happens when that server is absent;
 #   5. an ordinary attached LUKS volume, unchanged;
 #   6. the seed's hotplug through real libvirt (a private, unprivileged
-#      session daemon) with `virsh qemu-monitor-command`.
+#      session daemon) with `virsh qemu-monitor-command`;
+#   7. one detached header shared by two disks (issue 6): one header node
+#      (file + raw) named as `header` by two luks nodes, over a raw and a
+#      qcow2 payload each with its own plaintext; both on the command line
+#      (the guest reads vda and vdb), then the second one hotplugged over
+#      QMP next to the first, unplugged and added again; x-blockdev-amend
+#      refused while the header is shared and working with one user;
+#      blockdev-del of the header refused while in use.
 # Prints TAP.  Every wait has a timeout (each test has a deadline too: a
-# minute per guest test, three for libvirt); leftovers are killed on exit.
-# Arguments pick tests: cmdline hotplug_unplug nbd_header attached libvirt.
+# minute per guest test, a minute and a half for the two guests of test 7,
+# three for libvirt); leftovers are killed on exit.
+# Arguments pick tests: cmdline hotplug_unplug nbd_header attached libvirt
+# shared_header.
 # Runs as root (the libvirt test switches to the user nobody with setpriv).
 # Needs cpio (guest build), libvirt-daemon, libvirt-daemon-driver-qemu and
 # libvirt-clients.  The driver is the Python program at the end of this
@@ -277,12 +286,13 @@ class Console:
         return [l[len('GUEST: '):].strip() for l in self.output().split('\n')
                 if l.startswith('GUEST: ')]
 
-    def wait(self, regex, timeout=40):
-        """The first guest line matching regex (a match object), or None."""
+    def wait(self, regex, timeout=40, since=0):
+        """The first guest line matching regex (a match object), or None;
+        with since, the first after the first since lines."""
         end = time.time() + timeout
         while True:
             alive = self.alive()
-            for l in self.lines():
+            for l in self.lines()[since:]:
                 m = re.fullmatch(regex, l)
                 if m:
                     return m
@@ -290,9 +300,9 @@ class Console:
                 return None
             time.sleep(0.1)
 
-    def sum(self, dev, off, length, timeout=40):
+    def sum(self, dev, off, length, timeout=40, since=0):
         m = self.wait(r'sum %s %d %d ([0-9a-f]{64})' % (dev, off, length),
-                      timeout)
+                      timeout, since)
         return m.group(1) if m else None
 
     def tail(self):
@@ -360,6 +370,13 @@ RANDOM_FILE = os.path.join(TMP, 'plaintext.bin')
 with open(RANDOM_FILE, 'wb') as f:
     f.write(RANDOM)
 EXPECT = {(0, MiB): sha(RANDOM), (PAT_OFF, PAT_LEN): sha(bytes([PAT]) * PAT_LEN)}
+# A second disk's own plaintext, same offsets (the shared header test).
+RANDOM_B, PAT_B = os.urandom(MiB), 0xa7
+RANDOM_B_FILE = os.path.join(TMP, 'plaintext-b.bin')
+with open(RANDOM_B_FILE, 'wb') as f:
+    f.write(RANDOM_B)
+EXPECT_B = {(0, MiB): sha(RANDOM_B),
+            (PAT_OFF, PAT_LEN): sha(bytes([PAT_B]) * PAT_LEN)}
 READ_ACTIONS = ['sum:%s:%d:%d' % ('%s', o, l) for (o, l) in EXPECT]
 
 
@@ -383,9 +400,9 @@ def make_detached(d, name, what):
     return h, p
 
 
-def guest_read_ok(g, dev, what):
-    for (off, length), want in EXPECT.items():
-        got = g.sum(dev, off, length)
+def guest_read_ok(g, dev, what, expect=EXPECT, since=0):
+    for (off, length), want in expect.items():
+        got = g.sum(dev, off, length, since=since)
         check(got == want, '%s: the guest reads the plaintext at %d+%d'
               % (what, off, length), 'guest: %s\nwant:  %s\n%s'
               % (got, want, g.tail()))
@@ -399,6 +416,9 @@ def no_plaintext(path, what):
               ('random plaintext (middle)', RANDOM[512 * 1000:512 * 1008]),
               ('0x%x pattern' % PAT, bytes([PAT]) * 512),
               ('0x5c pattern', b'\x5c' * 512),
+              ('second random plaintext', RANDOM_B[:4096]),
+              ('0x%x pattern' % PAT_B, bytes([PAT_B]) * 512),
+              ('0x3c pattern', b'\x3c' * 512),
               ('LUKS magic', b'LUKS\xba\xbe')] if chunk in data]
     check(not leaks, '%s holds no plaintext and no LUKS magic' % what,
           'found: ' + ', '.join(leaks))
@@ -692,6 +712,270 @@ def test_attached(d):
           "attached: qemu-io reads the guest's pattern", out)
 
 
+# --- one header, two disks ------------------------------------------------------
+DISK_B = 48 * MiB           # disk B's size tells vda and vdb apart
+W_OFF, W_LEN = 16 * MiB, MiB   # where the guest writes: 0x5c on A, 0x3c on B
+NEW_PASS = 'def456'         # the passphrase of the key slot added by amend
+HDR = 'libvirt-1-format'    # the header node, raw over libvirt-1-storage
+LUKS_A, LUKS_B = 'libvirt-3-format', 'libvirt-5-format'
+
+
+def make_shared(d, name, what):
+    """One detached header, a raw payload A of 64 MiB and a qcow2 payload B
+    of 48 MiB, each holding its own plaintext (EXPECT, EXPECT_B)."""
+    h = os.path.join(d, name + '-header.img')
+    pa = os.path.join(d, name + '-a.raw')
+    pb = os.path.join(d, name + '-b.qcow2')
+    out, ok = '', True
+    for rc, o in [qimg('create', '--object', SECRET_ARG, '-f', 'luks',
+                       '-o', 'key-secret=sec0,iter-time=10',
+                       '-o', 'detached-header=true', h),
+                  qimg('create', '-f', 'raw', pa, str(DISK)),
+                  qimg('create', '-f', 'qcow2', pb, str(DISK_B)),
+                  qio('--object', SECRET_ARG,
+                      '-c', 'write -s %s 0 1M' % RANDOM_FILE,
+                      '-c', 'write -P 0x%x %d %d' % (PAT, PAT_OFF, PAT_LEN),
+                      detached_spec(h, pa, qcow2=False)),
+                  qio('--object', SECRET_ARG,
+                      '-c', 'write -s %s 0 1M' % RANDOM_B_FILE,
+                      '-c', 'write -P 0x%x %d %d' % (PAT_B, PAT_OFF, PAT_LEN),
+                      detached_spec(h, pb))]:
+        ok, out = ok and rc == 0, out + o
+    if check(ok, '%s: one header, a raw and a qcow2 payload, each with its '
+             'own plaintext (qemu-img, qemu-io through the detached spec)'
+             % what, out):
+        return h, pa, pb
+    return None
+
+
+def shared_blockdevs(h, pa, pb, secret_a, secret_b):
+    """As libvirt lays them out: the header (file + raw node), payload A
+    (file + raw) and its luks node, payload B (file + qcow2) and its luks
+    node; both luks nodes name the same header node."""
+    def node(name, **kw):
+        return dict(kw, **{'node-name': name})
+    hdr = [node('libvirt-1-storage', driver='file', filename=h),
+           node(HDR, driver='raw', file='libvirt-1-storage',
+                **{'read-only': False})]
+    a = [node('libvirt-2-storage', driver='file', filename=pa),
+         node('libvirt-2-format', driver='raw', file='libvirt-2-storage',
+              **{'read-only': False}),
+         node(LUKS_A, driver='luks', file='libvirt-2-format', header=HDR,
+              **{'key-secret': secret_a})]
+    b = [node('libvirt-4-storage', driver='file', filename=pb),
+         node('libvirt-4-format', driver='qcow2', file='libvirt-4-storage',
+              **{'read-only': False}),
+         node(LUKS_B, driver='luks', file='libvirt-4-format', header=HDR,
+              **{'key-secret': secret_b})]
+    return hdr, a, b
+
+
+def header_users(q):
+    """The parents of the header node: (node, child name, permissions)."""
+    g = q.cmd('x-debug-query-block-graph').get('return', {})
+    names = {x['id']: x['name'] for x in g.get('nodes', [])}
+    return sorted((names.get(e['parent']), e['name'], tuple(sorted(e['perm'])))
+                  for e in g.get('edges', []) if names.get(e['child']) == HDR)
+
+
+def shared_users_ok(q, users, what):
+    got = header_users(q)
+    check([u[:2] for u in got] == [(u, 'header') for u in users] and
+          all('write' not in u[2] for u in got),
+          '%s: the header node has the users %s, as their "header" child, '
+          'none of them with write permission' % (what, ' and '.join(users)),
+          json.dumps(got))
+
+
+def amend_add_key(q, job, node):
+    return q.cmd('x-blockdev-amend', **{
+        'job-id': job, 'node-name': node,
+        'options': {'driver': 'luks', 'state': 'active',
+                    'new-secret': 'sec-new', 'iter-time': 10}})
+
+
+def read_back(h, p, qcow2, passphrase, checks, what):
+    """qemu-io through the detached spec: read -P for each (byte, off, len)."""
+    args = ['--object', 'secret,id=sec0,data=' + passphrase]
+    for byte, off, length in checks:
+        args += ['-c', 'read -P 0x%x %d %d' % (byte, off, length)]
+    rc, out = qio(*args, detached_spec(h, p, qcow2))
+    check(rc == 0 and 'Pattern verification failed' not in out and
+          out.count('read ') == len(checks), what, out)
+
+
+def test_shared_header(d):
+    """7. One detached header shared by two disks."""
+    shared_cmdline(d)
+    shared_hotplug(d)
+
+
+def shared_cmdline(d):
+    """Both disks on the command line."""
+    what = 'shared header'
+    files = make_shared(d, 't7', what)
+    if not files:
+        return
+    h, pa, pb = files
+    hsum = sha_file(h)
+    hdr, a, b = shared_blockdevs(h, pa, pb, 'sec-a', 'sec-b')
+    extra = ['-object', 'secret,id=sec-a,data=' + PASS,
+             '-object', 'secret,id=sec-b,data=' + PASS]
+    for x in hdr + a + b:
+        extra += ['-blockdev', json.dumps(x)]
+    extra += ['-device', 'virtio-blk-pci,drive=%s,id=virtio-disk0' % LUKS_A,
+              '-device', 'virtio-blk-pci,drive=%s,id=virtio-disk1' % LUKS_B]
+    g = Guest('t7', ['list'] + reads('vda') + reads('vdb') +
+              ['write:vda:%d:%d:0x5c' % (W_OFF, W_LEN),
+               'write:vdb:%d:%d:0x3c' % (W_OFF, W_LEN), 'poweroff'], extra)
+    shared_users_ok(g.qmp, [LUKS_A, LUKS_B], what)
+    check(g.wait(r'disks vda vdb') and g.wait(r'disk vda %d' % DISK) and
+          g.wait(r'disk vdb %d' % DISK_B), '%s: the guest sees vda (raw '
+          'payload, 64 MiB) and vdb (qcow2 payload, 48 MiB)' % what, g.tail())
+    guest_read_ok(g, 'vda', what + ', vda')
+    guest_read_ok(g, 'vdb', what + ', vdb', EXPECT_B)
+    sa, sb = g.sum('vda', 0, MiB), g.sum('vdb', 0, MiB)
+    check(sa and sb and sa != sb, '%s: and the two disks read differently'
+          % what, '%s\n%s' % (sa, sb))
+    check(g.wait(r'wrote vda %d %d 0x5c' % (W_OFF, W_LEN)) and
+          g.wait(r'wrote vdb %d %d 0x3c' % (W_OFF, W_LEN)),
+          '%s: the guest writes a pattern on each disk' % what, g.tail())
+    rc = g.exited(30)
+    check(rc == 0, '%s: the guest powers off, QEMU exits 0' % what,
+          'status %s\n%s' % (rc, g.tail()))
+    g.kill()
+    read_back(h, pa, False, PASS, [(0x5c, W_OFF, W_LEN), (PAT, PAT_OFF, PAT_LEN)],
+              "%s: qemu-io reads vda's pattern and plaintext through "
+              "payload A's detached spec" % what)
+    read_back(h, pb, True, PASS, [(0x3c, W_OFF, W_LEN), (PAT_B, PAT_OFF, PAT_LEN)],
+              "%s: qemu-io reads vdb's pattern and plaintext through "
+              "payload B's detached spec" % what)
+    no_plaintext(pa, '%s: the raw payload A' % what)
+    no_plaintext(pb, '%s: the qcow2 payload B' % what)
+    check(sha_file(h) == hsum, '%s: the header file is unchanged' % what)
+
+
+def shared_hotplug(d):
+    """Disk A on the command line, disk B added and removed over QMP."""
+    what = 'shared header hotplug'
+    files = make_shared(d, 't7h', what)
+    if not files:
+        return
+    h, pa, pb = files
+    hdr, a, b = shared_blockdevs(h, pa, pb, 'sec-a', 'sec-b')
+    extra = ['-object', 'secret,id=sec-a,data=' + PASS]
+    for x in hdr + a:
+        extra += ['-blockdev', json.dumps(x)]
+    extra += ['-device', 'virtio-blk-pci,drive=%s,id=virtio-disk0' % LUKS_A]
+    # vdb comes, goes and comes back; vda is read each time.
+    g = Guest('t7h', ['list'] + reads('vda') + ['wait:vdb:50', 'list'] +
+              reads('vdb') + reads('vda') + ['gone:vdb:50', 'wait:vdb:50'] +
+              reads('vda') + reads('vdb') +
+              ['write:vda:%d:%d:0x5c' % (W_OFF, W_LEN),
+               'write:vdb:%d:%d:0x3c' % (W_OFF, W_LEN), 'poweroff'], extra)
+    q = g.qmp
+    check(g.wait(r'disks vda') and g.wait(r'disk vda %d' % DISK),
+          '%s: the guest boots with vda only' % what, g.tail())
+    guest_read_ok(g, 'vda', what + ', vda')
+    for obj in [('sec-b', PASS), ('sec-new', NEW_PASS)]:
+        ok_return(q.cmd('object-add', **{'qom-type': 'secret', 'id': obj[0],
+                                         'data': obj[1]}),
+                  '%s: object-add secret %s' % (what, obj[0]))
+    mark = len(g.lines())
+    for x in b:
+        ok_return(q.cmd('blockdev-add', **x), '%s: blockdev-add %s%s' % (
+            what, x['node-name'], ' (header: the existing %s)' % HDR
+            if 'header' in x else ''))
+    ok_return(q.cmd('device_add', driver='virtio-blk-pci', drive=LUKS_B,
+                    id='virtio-disk1'), '%s: device_add virtio-disk1' % what)
+    shared_users_ok(q, [LUKS_A, LUKS_B], what)
+    check(g.wait(r'appeared vdb', since=mark) and
+          g.wait(r'disk vdb %d' % DISK_B, since=mark),
+          '%s: the guest sees vdb of 48 MiB' % what, g.tail())
+    guest_read_ok(g, 'vdb', what + ', vdb', EXPECT_B, since=mark)
+    guest_read_ok(g, 'vda', what + ', vda with vdb plugged', since=mark)
+
+    # No key update while another luks node uses the header.
+    hsum = sha_file(h)
+    for node, other in [(LUKS_A, LUKS_B), (LUKS_B, LUKS_A)]:
+        r = amend_add_key(q, 'amend-' + node, node)
+        desc = r.get('error', {}).get('desc', '')
+        check('error' in r and 'Cannot update the keys of detached LUKS header'
+              in desc and 'Permission conflict' in desc and other in desc,
+              '%s: x-blockdev-amend on %s fails while %s shares the header, '
+              'naming the permission conflict' % (what, node, other),
+              json.dumps(r))
+    check(q.cmd('query-jobs').get('return') == [] and status(q) == 'running'
+          and sha_file(h) == hsum, '%s: no job left, the header file '
+          'unchanged, the VM keeps running' % what)
+    shared_users_ok(q, [LUKS_A, LUKS_B], what + ', after the failed amend')
+
+    # Unplug disk B; disk A stays.
+    ok_return(q.cmd('device_del', id='virtio-disk1'),
+              '%s: device_del virtio-disk1' % what)
+    check(q.wait_event('DEVICE_DELETED', 30, device='virtio-disk1'),
+          '%s: DEVICE_DELETED for virtio-disk1' % what, json.dumps(q.events))
+    check(g.wait(r'gone vdb', since=mark), '%s: vdb is gone from the guest'
+          % what, g.tail())
+    for x in reversed(b):
+        ok_return(q.cmd('blockdev-del', **{'node-name': x['node-name']}),
+                  '%s: blockdev-del %s' % (what, x['node-name']))
+    r = q.cmd('blockdev-del', **{'node-name': HDR})
+    check(r.get('error', {}).get('desc') == 'Block device %s is in use' % HDR,
+          '%s: blockdev-del of the header node while %s uses it fails: '
+          '"in use"' % (what, LUKS_A), json.dumps(r))
+    shared_users_ok(q, [LUKS_A], what + ', after the unplug')
+
+    # With a single user, the key update works.
+    r = amend_add_key(q, 'amend1', LUKS_A)
+    if ok_return(r, '%s: x-blockdev-amend on %s, now the only user, adds a key '
+                 'slot (secret sec-new)' % (what, LUKS_A)):
+        e = q.wait_event('JOB_STATUS_CHANGE', 30, id='amend1', status='concluded')
+        jobs = [j for j in q.cmd('query-jobs').get('return', [])
+                if j['id'] == 'amend1']
+        check(e and jobs and 'error' not in jobs[0],
+              '%s: the amend job concludes without error' % what,
+              json.dumps(jobs) + json.dumps(q.events))
+        ok_return(q.cmd('job-dismiss', id='amend1'), '%s: job-dismiss' % what)
+        check(sha_file(h) != hsum, '%s: the header file changed' % what)
+    shared_users_ok(q, [LUKS_A], what + ', after the amend')
+
+    # Disk B again, opened with the new key slot; vda still reads as before.
+    mark = len(g.lines())
+    b[-1]['key-secret'] = 'sec-new'
+    for x in b:
+        ok_return(q.cmd('blockdev-add', **x), '%s: blockdev-add %s again%s' % (
+            what, x['node-name'], ' (new secret)' if 'header' in x else ''))
+    ok_return(q.cmd('device_add', driver='virtio-blk-pci', drive=LUKS_B,
+                    id='virtio-disk2'), '%s: device_add virtio-disk2' % what)
+    check(g.wait(r'appeared vdb', since=mark),
+          '%s: the guest sees vdb again' % what, g.tail())
+    guest_read_ok(g, 'vda', what + ', vda after the unplug and the amend',
+                  since=mark)
+    guest_read_ok(g, 'vdb', what + ', vdb opened with the new key slot',
+                  EXPECT_B, since=mark)
+    check(g.wait(r'wrote vda %d %d 0x5c' % (W_OFF, W_LEN), since=mark) and
+          g.wait(r'wrote vdb %d %d 0x3c' % (W_OFF, W_LEN), since=mark),
+          '%s: the guest writes a pattern on each disk' % what, g.tail())
+    rc = g.exited(30)
+    check(rc == 0, '%s: the guest powers off, QEMU exits 0' % what,
+          'status %s\n%s' % (rc, g.tail()))
+    g.kill()
+    read_back(h, pa, False, NEW_PASS,
+              [(0x5c, W_OFF, W_LEN), (PAT, PAT_OFF, PAT_LEN)],
+              "%s: qemu-io with the new secret reads vda's pattern and "
+              "plaintext through payload A's detached spec" % what)
+    read_back(h, pb, True, PASS,
+              [(0x3c, W_OFF, W_LEN), (PAT_B, PAT_OFF, PAT_LEN)],
+              "%s: qemu-io with the old secret reads vdb's pattern and "
+              "plaintext through payload B's detached spec" % what)
+    no_plaintext(pa, '%s: the raw payload A' % what)
+    no_plaintext(pb, '%s: the qcow2 payload B' % what)
+    rc, out = qimg('check', pb)
+    check(rc == 0 and 'No errors were found' in out,
+          '%s: qemu-img check on the qcow2 payload is clean' % what, out)
+
+
 # --- libvirt --------------------------------------------------------------------
 NOBODY = 65534
 
@@ -882,7 +1166,7 @@ def test_libvirt(d):
 
 # --- main -----------------------------------------------------------------------
 TESTS = [(test_cmdline, 60), (test_hotplug_unplug, 60), (test_nbd_header, 60),
-         (test_attached, 60), (test_libvirt, 180)]
+         (test_attached, 60), (test_libvirt, 180), (test_shared_header, 90)]
 want = sys.argv[1:]
 try:
     for fn, limit in TESTS:
