@@ -57,6 +57,8 @@ check "info through a qcow2 node succeeds" [ $? -eq 0 ]
 check "virtual size is 200 GiB" has info.log "virtual size: 200 GiB (214748364800 bytes)"
 check "detached header: true" has info.log "detached header: true"
 check "payload offset: 0" has info.log "payload offset: 0"
+check "the image's name includes the header (json: filename)" \
+    has info.log 'image: json:{"header": {"driver": "file", "filename": "test-header.img"}'
 
 # 4. qemu-io through the layering: qcow2 and raw payloads, survive reopen.
 truncate -s 64M test-payload.raw
