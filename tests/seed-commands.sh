@@ -92,6 +92,24 @@ qemu-io --object $SEC --image-opts -c 'write 0 512' \
     "driver=luks,key-secret=sec0,file.filename=test-header.img" > w.log 2>&1
 check "writing to the header alone fails" [ $? -ne 0 ]
 check "and leaves it unchanged" [ "$(sha256sum test-header.img)" = "$sum" ]
+# The write above is stopped by the block layer (beyond the end of an empty
+# volume); resizing reaches the luks driver's own refusal.
+qemu-img resize --object $SEC --image-opts \
+    "driver=luks,key-secret=sec0,file.filename=test-header.img" +1M > rs.log 2>&1
+check "resizing the header alone fails" [ $? -ne 0 ]
+check "saying why" has rs.log "Cannot resize a detached LUKS header opened without its payload"
+check "and leaves it unchanged" [ "$(sha256sum test-header.img)" = "$sum" ]
+# Held open read-write on its own, the header takes no write lock, so a
+# volume that uses it as its header still opens.
+(sleep 12 | qemu-io --object $SEC --image-opts \
+    "driver=luks,key-secret=sec0,file.filename=test-header.img" > /dev/null 2>&1) &
+holder=$!
+sleep 5  # time enough for the holder to unlock the key slot
+qemu-io --object $SEC -c 'read -P 0xa5 0 64k' "$(spec "$RAW")" > lock.log 2>&1
+check "a header held open alone still serves as header elsewhere" \
+    bash -c "[ $? -eq 0 ] && ! grep -q 'Pattern verification failed' lock.log" ||
+    sed 's/^/#   /' lock.log
+wait $holder
 
 # 6. Bad input: clear errors, nothing written.
 cp test-header.img good-header.img
