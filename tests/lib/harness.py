@@ -176,6 +176,12 @@ def read(path):
         return None
 
 
+def text(path):
+    """A file's content as text ('' when there is none)."""
+    data = read(path)
+    return data.decode(errors='replace') if data is not None else ''
+
+
 def write(path, data):
     with open(path, 'wb') as f:
         f.write(data)
