@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """End to end in a real guest: a tiny Linux guest (built and cached by
 tests/guest/build-guest.sh) under TCG reads and writes LUKS volumes with a
-detached header, set up as the README does it.  QEMU is run through the
+detached header, set up as the README does it: its VM command line and
+hotplug steps are read from README.md.  QEMU is run through the
 QEMU tree's own python/qemu (QEMUMachine, its QMP connection and console
 socket); libvirt's QEMU is libvirt's, talked to with virsh.  Prints TAP.
 
@@ -40,12 +41,17 @@ import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lib'))
-from harness import (ENV, MiB, QEMU_SYSTEM, QSD, TOP, check, missing_tools,  # noqa: E402
-                     qemu_img, qemu_io, read, run, scratch, sha256, tap, text)
+from harness import (ENV, MiB, QEMU_SYSTEM, QSD, README_PATHS, TOP, check,  # noqa: E402
+                     missing_tools, monitor_commands, qemu_img, qemu_io, read, readme_block,
+                     run, scratch, sha256, tap, text, vm_disk_options)
 import harness  # noqa: E402
 
-harness.python_qemu()
-from qemu.machine import QEMUMachine  # noqa: E402
+try:
+    harness.python_qemu()
+    from qemu.machine import QEMUMachine
+except ImportError as e:
+    check(False, "QEMU's own python library imports from %s" % harness.python_qemu(), str(e))
+    tap.done()
 
 PASS = 'abc123'
 SECRET_ARG = 'secret,id=sec0,data=' + PASS
@@ -301,44 +307,30 @@ def powered_off(g, what):
           % (rc, g.tail()))
 
 
-# --- the README's text, as users type it; HEADER and PAYLOAD stand for paths ---
-README_OBJECT = '{"qom-type":"secret","id":"libvirt-3-format-secret","data":"abc123"}'
-README_BLOCKDEVS = [
-    '{"driver":"file","filename":"HEADER","node-name":"libvirt-1-storage"}',
-    '{"node-name":"libvirt-1-format","read-only":false,"driver":"raw",'
-    '"file":"libvirt-1-storage"}',
-    '{"driver":"file","filename":"PAYLOAD","node-name":"libvirt-2-storage"}',
-    '{"node-name":"libvirt-2-format","read-only":false,"driver":"qcow2",'
-    '"file":"libvirt-2-storage"}',
-    '{"node-name":"libvirt-3-format","driver":"luks","file":"libvirt-2-format",'
-    '"header":"libvirt-1-format","key-secret":"libvirt-3-format-secret"}']
-README_DEVICE = '{"driver":"virtio-blk-pci","drive":"libvirt-3-format","id":"virtio-disk1"}'
-# The seven hotplug steps.
-README_HOTPLUG = [
-    '{"execute":"object-add","arguments":{"qom-type":"secret",'
-    '"id":"libvirt-4-format-secret","data":"abc123"}}',
-    '{"execute":"blockdev-add","arguments":{"driver":"file",'
-    '"filename":"HEADER","node-name":"libvirt-1-storage"}}',
-    '{"execute":"blockdev-add","arguments":{"node-name":"libvirt-1-format",'
-    '"read-only":false,"driver":"raw","file":"libvirt-1-storage"}}',
-    '{"execute":"blockdev-add","arguments":{"driver":"file",'
-    '"filename":"PAYLOAD","node-name":"libvirt-2-storage"}}',
-    '{"execute":"blockdev-add","arguments":{"node-name":"libvirt-2-format",'
-    '"read-only":false,"driver":"qcow2","file":"libvirt-2-storage"}}',
-    '{"execute":"blockdev-add","arguments":{"node-name":"libvirt-3-format",'
-    '"driver":"luks","file":"libvirt-2-format","header":"libvirt-1-format",'
-    '"key-secret":"libvirt-4-format-secret"}}',
-    '{"execute":"device_add","arguments":{"driver":"virtio-blk-pci",'
-    '"drive":"libvirt-3-format","id":"virtio-disk2"}}']
-# Step 6 with a secret id that step 1 did not add (the README's warning).
-WRONG_SECRET_STEP6 = README_HOTPLUG[5].replace('libvirt-4-format-secret',
-                                               'libvirt-2-format-secret')
+# --- the README's text, as users type it -------------------------------------
+# Its VM command line and hotplug steps are read from README.md (the blocks
+# marked <!-- readme-test: guest-e2e ... -->), with README_PATHS standing
+# for the header and the payload.
+def readme_vm():
+    """The -object, -blockdev and -device options of the README's VM."""
+    return vm_disk_options(readme_block('guest-e2e', 'cmdline'))
+
+
+def readme_hotplug():
+    """The README's hotplug steps (QMP commands as JSON text)."""
+    return monitor_commands(readme_block('guest-e2e', 'hotplug_unplug'))
+
+
+def wrong_secret(steps):
+    """Step 6 naming a secret that step 1 did not add (the README's warning)."""
+    return steps[5].replace(json.loads(steps[0])['arguments']['id'], 'libvirt-2-format-secret')
 
 
 def fill(text, header, payload):
     """The README's text with the paths filled in."""
-    return (text.replace('HEADER', json.dumps(header)[1:-1])
-            .replace('PAYLOAD', json.dumps(payload)[1:-1]))
+    for path, mine in zip(README_PATHS, (header, payload)):
+        text = text.replace(path, json.dumps(mine)[1:-1])
+    return text
 
 
 def step_name(text):
@@ -367,10 +359,7 @@ def cmdline(d):
     h, p = make_detached(d, 't1', what, plain)
     hsum = sha256(h)
     W_OFF, W_LEN, W = 16 * MiB, MiB, 0x5c
-    args = ['-object', README_OBJECT]
-    for b in README_BLOCKDEVS:
-        args += ['-blockdev', fill(b, h, p)]
-    args += ['-device', README_DEVICE]
+    args = [x for opt, value in readme_vm() for x in (opt, fill(value, h, p))]
     g = Guest(d, 't1', ['list'] + plain.reads('vda') +
               ['write:vda:%d:%d:0x%x' % (W_OFF, W_LEN, W), 'poweroff'], args)
     m = g.wait(r'disk vda (\d+)')
@@ -408,11 +397,11 @@ def hotplug_unplug(d):
     check(g.wait(r'disks\s*') and status(g) == 'running',
           what + ': the guest boots with no disk', g.tail())
     nodes0, pci0 = node_names(g), pci_devices(g)
-    steps = [fill(t, h, p) for t in README_HOTPLUG]
+    steps = [fill(t, h, p) for t in readme_hotplug()]
     for i, t in enumerate(steps[:5]):
         ok_return(g.send(t), '%s step %d: %s' % (what, i + 1, step_name(t)))
     nodes4 = node_names(g)
-    r = g.send(WRONG_SECRET_STEP6)
+    r = g.send(wrong_secret(steps))
     check('error' in r, what + ': step 6 naming a secret that was not added '
           '(libvirt-2-format-secret) fails', json.dumps(r))
     check("No secret with id 'libvirt-2-format-secret'" in r.get('error', {}).get('desc', ''),
@@ -443,15 +432,16 @@ def hotplug_unplug(d):
           r2.refused and 'Failed to get "write" lock' in r2.out,
           what + ': while plugged, the payload and (for writing) the header are locked',
           '%s\n%s' % (r1, r2))
-    ok_return(g.qmp('device_del', id='virtio-disk2'), what + ': device_del virtio-disk2')
-    check(g.event('DEVICE_DELETED', 30, device='virtio-disk2'),
-          what + ': DEVICE_DELETED for virtio-disk2', json.dumps(g.vm.get_qmp_events()))
+    dev = json.loads(steps[6])['arguments']['id']
+    ok_return(g.qmp('device_del', id=dev), what + ': device_del ' + dev)
+    check(g.event('DEVICE_DELETED', 30, device=dev),
+          what + ': DEVICE_DELETED for ' + dev, json.dumps(g.vm.get_qmp_events()))
     check(g.wait(r'gone vda'), what + ': the disk is gone from the guest', g.tail())
     for node in ['libvirt-3-format', 'libvirt-2-format', 'libvirt-1-format',
                  'libvirt-2-storage', 'libvirt-1-storage']:
         ok_return(g.qmp('blockdev-del', **{'node-name': node}), what + ': blockdev-del ' + node)
-    ok_return(g.qmp('object-del', id='libvirt-4-format-secret'),
-              what + ': object-del libvirt-4-format-secret')
+    sid = json.loads(steps[0])['arguments']['id']
+    ok_return(g.qmp('object-del', id=sid), what + ': object-del ' + sid)
     check(node_names(g) == nodes0, what + ': no block node left', 'nodes: %s' % node_names(g))
     r1, r2 = qemu_img('info', p), qemu_img('info', h)
     check(r1.ok and r2.ok and 'file format: qcow2' in r1.out and
@@ -744,10 +734,10 @@ def libvirt(d):
                 return r, json.loads(r.out.strip().splitlines()[-1])
             except (ValueError, IndexError):
                 return r, {}
-        steps = [fill(t, h, p) for t in README_HOTPLUG]
+        steps = [fill(t, h, p) for t in readme_hotplug()]
         for i, t in enumerate(steps, 1):
             if i == 6:
-                r, resp = monitor(WRONG_SECRET_STEP6)
+                r, resp = monitor(wrong_secret(steps))
                 check("No secret with id 'libvirt-2-format-secret'" in r.out and
                       'return' not in resp, what + ': step 6 naming a secret that was not '
                       'added fails naming it', r)
@@ -1028,7 +1018,9 @@ def main(want):
         try:
             fn(d)
         except Exception as e:          # noqa: BLE001 (a deadline, QMP trouble, ...)
-            check(False, '%s: aborted: %s: %s' % (fn.__doc__.split('\n')[0], type(e).__name__, e))
+            msg = str(e).strip().split('\n')
+            check(False, '%s: aborted: %s: %s' % (fn.__doc__.split('\n')[0], type(e).__name__,
+                                                  msg[0]), '\n'.join(msg[1:]))
         finally:
             signal.alarm(0)
             stop_all()
