@@ -11,7 +11,6 @@ import os
 import pty
 import re
 import shutil
-import subprocess
 import sys
 import time
 

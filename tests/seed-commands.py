@@ -8,7 +8,7 @@ import re
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lib'))
-from harness import (MiB, PROBE_PAYLOAD, QemuIoShell, check, diag, qcow2,  # noqa: E402
+from harness import (MiB, PROBE_PAYLOAD, QemuIoShell, check, qcow2,  # noqa: E402
                      qemu_img, qemu_io, read, refuses, scratch, secret, sha256,
                      spec, tap, QEMU_IO)
 
