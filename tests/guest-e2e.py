@@ -8,6 +8,8 @@ socket); libvirt's QEMU is libvirt's, talked to with virsh.  Prints TAP.
 
 Tests (arguments pick some by name):
   cmdline        the README's VM command line (secret, five -blockdev, -device)
+  cryptsetup_header  a LUKS1 detached header made by cryptsetup, on the
+                 command line, over a raw payload
   hotplug_unplug the README's hotplug over QMP, its wrong secret id failing
                  cleanly, then unplug: device_del, blockdev-del, object-del
   nbd_header     the header served read-only over NBD by qemu-storage-daemon,
@@ -20,9 +22,12 @@ Tests (arguments pick some by name):
                  while shared; blockdev-del of the header refused while used
 
 Adding a test: write a function f(d) (d: its own directory) decorated with
-@guest_test(seconds); Guest() boots the guest with a list of actions (see
-tests/guest/init), make_detached() makes a header and a payload holding
-known plaintext, guest_reads() checks what the guest reads, read_back()
+@guest_test(seconds).  make_detached() makes a payload, a header (with
+qemu-img, or any make_header(header, payload) such as a cryptsetup
+command) and known plaintext in it; boot_read_write() is a whole
+command-line test for such a disk; Guest() boots the guest with a list of
+actions (tests/guest/init) and QMP (Guest(start=False) stays paused, e.g.
+for -incoming); guest_reads() checks what the guest reads, read_back()
 what qemu-io reads afterwards.  Every wait has a timeout and each test a
 deadline; whatever a test started is stopped after it.
 Runs as root (the libvirt test switches to the user nobody with setpriv).
@@ -243,18 +248,24 @@ class Plain:
                 ('0x%x pattern' % self.pattern, bytes([self.pattern]) * 512)]
 
 
-def make_detached(d, name, what, plain, payload_fmt='qcow2', size=DISK):
-    """A detached header (qemu-img) and a payload (qcow2 or raw) of size
-    bytes holding plain, written by qemu-io through the detached spec."""
+def qemu_img_header(h, p):
+    """Make the detached header h with qemu-img (the payload p exists)."""
+    return qemu_img('create', '--object', SECRET_ARG, '-f', 'luks',
+                    '-o', 'key-secret=sec0,iter-time=10', '-o', 'detached-header=true', h)
+
+
+def make_detached(d, name, what, plain, payload_fmt='qcow2', size=DISK,
+                  make_header=qemu_img_header):
+    """A payload (qcow2 or raw) of size bytes, a detached header for it
+    (make_header(header, payload) -> Result; passphrase PASS), and plain
+    written by qemu-io through the detached spec."""
     h = os.path.join(d, name + '-header.img')
     p = os.path.join(d, name + '-payload.' + payload_fmt)
-    rs = [qemu_img('create', '--object', SECRET_ARG, '-f', 'luks',
-                   '-o', 'key-secret=sec0,iter-time=10', '-o', 'detached-header=true', h),
-          qemu_img('create', '-f', payload_fmt, p, str(size))]
+    rs = [qemu_img('create', '-f', payload_fmt, p, str(size)), make_header(h, p)]
     rs.append(qemu_io('--object', SECRET_ARG, *plain.qemu_io_writes(),
                       detached_spec(h, p, payload_fmt == 'qcow2')))
-    check(all(r.ok for r in rs), '%s: header, %s payload and plaintext made with qemu-img '
-          'and qemu-io' % (what, payload_fmt), '\n'.join(map(str, rs)))
+    check(all(r.ok for r in rs), '%s: %s payload, header, and plaintext written through '
+          'the detached spec' % (what, payload_fmt), '\n'.join(map(str, rs)))
     return h, p
 
 
@@ -351,16 +362,14 @@ def guest_test(seconds):
     return add
 
 
-@guest_test(60)
-def cmdline(d):
-    """The README's VM command line."""
-    what = 'README command line'
-    plain = Plain(d, 't1', 0x5a)
-    h, p = make_detached(d, 't1', what, plain)
+def boot_read_write(d, name, what, plain, h, p, args, qcow2=True):
+    """Boot with a disk set up by args (vda, 64 MiB, over header h and
+    payload p holding plain): the guest reads plain, writes a pattern and
+    powers off; then qemu-io and qemu-img read both back through the
+    detached spec, the payload shows no plaintext, the header is unchanged."""
     hsum = sha256(h)
     W_OFF, W_LEN, W = 16 * MiB, MiB, 0x5c
-    args = [x for opt, value in readme_vm() for x in (opt, fill(value, h, p))]
-    g = Guest(d, 't1', ['list'] + plain.reads('vda') +
+    g = Guest(d, name, ['list'] + plain.reads('vda') +
               ['write:vda:%d:%d:0x%x' % (W_OFF, W_LEN, W), 'poweroff'], args)
     m = g.wait(r'disk vda (\d+)')
     check(m and int(m.group(1)) == DISK, what + ': the guest sees vda of 64 MiB', g.tail())
@@ -368,21 +377,52 @@ def cmdline(d):
     check(g.wait(r'wrote vda %d %d 0x%x' % (W_OFF, W_LEN, W)),
           what + ': the guest writes a 0x%x pattern' % W, g.tail())
     powered_off(g, what)
-    read_back(h, p, True, PASS, [(W, W_OFF, W_LEN), (plain.pattern, plain.PAT_OFF,
-                                                     plain.PAT_LEN)],
+    read_back(h, p, qcow2, PASS, [(W, W_OFF, W_LEN), (plain.pattern, plain.PAT_OFF,
+                                                      plain.PAT_LEN)],
               what + ": qemu-io reads the guest's pattern through the detached spec")
-    out = os.path.join(d, 't1-plain.raw')
-    r = qemu_img('convert', '--object', SECRET_ARG, '-O', 'raw', detached_spec(h, p), out)
+    out = os.path.join(d, name + '-plain.raw')
+    r = qemu_img('convert', '--object', SECRET_ARG, '-O', 'raw', detached_spec(h, p, qcow2), out)
     data = read(out) if r.ok else b''
     check(r.ok and data[:MiB] == plain.random and len(data) == DISK
           and data[W_OFF:W_OFF + W_LEN] == bytes([W]) * W_LEN,
           what + ': the whole plaintext (qemu-img convert) holds what qemu-io and the '
           'guest wrote', r)
-    no_plaintext(p, what + ': the qcow2 payload', [plain])
-    r = qemu_img('check', p)
-    check(r.ok and 'No errors were found on the image.' in r.out,
-          what + ': qemu-img check on the qcow2 payload is clean', r)
+    no_plaintext(p, what + ': the payload', [plain])
+    if qcow2:
+        r = qemu_img('check', p)
+        check(r.ok and 'No errors were found on the image.' in r.out,
+              what + ': qemu-img check on the qcow2 payload is clean', r)
     check(sha256(h) == hsum, what + ': the header file is unchanged')
+
+
+@guest_test(60)
+def cmdline(d):
+    """The README's VM command line."""
+    what = 'README command line'
+    plain = Plain(d, 't1', 0x5a)
+    h, p = make_detached(d, 't1', what, plain)
+    args = [x for opt, value in readme_vm() for x in (opt, fill(value, h, p))]
+    boot_read_write(d, 't1', what, plain, h, p, args)
+
+
+@guest_test(60)
+def cryptsetup_header(d):
+    """A LUKS1 detached header made by cryptsetup, on the command line."""
+    what = 'cryptsetup header'
+    plain = Plain(d, 't8', 0x5a)
+
+    def luks_format(h, p):
+        return run(['cryptsetup', '--batch-mode', 'luksFormat', '--type', 'luks1',
+                    '--pbkdf-force-iterations', '1000', '--key-file', '-', '--header', h, p],
+                   stdin=PASS.encode())
+    h, p = make_detached(d, 't8', what, plain, 'raw', make_header=luks_format)
+    args = ['-object', 'secret,id=sec-cs,data=' + PASS,
+            '-blockdev', json.dumps({'driver': 'file', 'filename': h, 'node-name': 'cs-hdr'}),
+            '-blockdev', json.dumps({'driver': 'file', 'filename': p, 'node-name': 'cs-data'}),
+            '-blockdev', json.dumps({'driver': 'luks', 'file': 'cs-data', 'header': 'cs-hdr',
+                                     'key-secret': 'sec-cs', 'node-name': 'cs-luks'}),
+            '-device', 'virtio-blk-pci,drive=cs-luks,id=virtio-disk8']
+    boot_read_write(d, 't8', what, plain, h, p, args, qcow2=False)
 
 
 @guest_test(60)
