@@ -48,7 +48,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lib'))
 from harness import (ENV, MiB, QEMU_SYSTEM, QSD, README_PATHS, TOP, check,  # noqa: E402
                      missing_tools, monitor_commands, qemu_img, qemu_io, read, readme_block,
-                     run, scratch, sha256, tap, text, vm_disk_options)
+                     remove, run, scratch, sha256, tap, text, vm_disk_options)
 import harness  # noqa: E402
 
 try:
@@ -381,6 +381,7 @@ def boot_read_write(d, name, what, plain, h, p, args, qcow2=True):
                                                       plain.PAT_LEN)],
               what + ": qemu-io reads the guest's pattern through the detached spec")
     out = os.path.join(d, name + '-plain.raw')
+    remove(out)
     r = qemu_img('convert', '--object', SECRET_ARG, '-O', 'raw', detached_spec(h, p, qcow2), out)
     data = read(out) if r.ok else b''
     check(r.ok and data[:MiB] == plain.random and len(data) == DISK

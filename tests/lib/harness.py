@@ -14,20 +14,27 @@ used by tests/lib/luks1.py).  Nothing here needs anything else.
                  into a file that is removed first
   refuses()      "must fail, saying this, leaving these files
                  byte-identical", as three TAP lines
+  QemuIoShell    qemu-io in interactive mode: a holder that answers
   python_qemu()  QEMU's own python/ (qemu.machine, qemu.qmp) on sys.path
+  readme_blocks() the README's ```sh blocks and their readme-test markers
+  PROBE_PAYLOAD  the name of the luks option that turns the payload probe off
 
 The build under test is found as scripts/lib.sh finds it: QEMU_LUKS_BUILD
 (default build/ of this checkout) holds qemu/ (the source tree) and obj/.
 """
 
+import atexit
 import hashlib
 import json
 import os
 import re
+import select
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUILD = os.environ.get('QEMU_LUKS_BUILD') or os.path.join(TOP, 'build')
@@ -149,7 +156,6 @@ def secret(sid='sec0', data=None, file=None):
 def scratch(prefix='luks-test.'):
     """A fresh directory under /tmp, removed when the suite exits; the
     suite's working directory."""
-    import atexit
     d = tempfile.mkdtemp(prefix=prefix)
     atexit.register(lambda: (os.chdir('/'), shutil.rmtree(d, ignore_errors=True)))
     os.chdir(d)
@@ -307,8 +313,6 @@ class QemuIoShell:
     def command(self, cmd, timeout=30):
         """Send cmd and wait for the prompt that follows its output: that
         output, or None if no prompt came in time (or it exited)."""
-        import select
-        import time
         start = len(self.out)
         try:
             self.proc.stdin.write(cmd.encode() + b'\n')
@@ -386,7 +390,6 @@ def readme_block(*words):
 def vm_disk_options(block):
     """The -object, -blockdev and -device options of a qemu-system-x86_64
     command line, as (option, value) pairs."""
-    import shlex
     words = shlex.split(block.replace('\\\n', ' '))
     return [(w, words[i + 1]) for i, w in enumerate(words[:-1])
             if w in ('-object', '-blockdev', '-device')]
@@ -394,6 +397,5 @@ def vm_disk_options(block):
 
 def monitor_commands(block):
     """The JSON texts of the `virsh qemu-monitor-command VM '...'` lines."""
-    import shlex
     return [shlex.split(line)[-1] for line in block.split('\n')
             if line.startswith('virsh qemu-monitor-command ')]
