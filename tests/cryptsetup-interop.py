@@ -177,8 +177,10 @@ for i, (name, csopts, qopts, mode, bits, hash_, infos) in enumerate(COMBOS, 1):
     check(all('    ' + w in r.out for w in infos),
           what + ': qemu-img info shows the cipher and hash', r.out)
     hdr = luks1.read_header(h)
-    check((hdr.cipher_name, hdr.cipher_mode, hdr.hash_spec) == ('aes', mode, hash_),
-          what + ': the independent parser reads aes, %s, %s' % (mode, hash_), str(hdr))
+    check((hdr.cipher_name, hdr.cipher_mode, hdr.hash_spec) == ('aes', mode, hash_)
+          and hdr.key_bytes * 8 == bits and 'uuid: %s\n' % hdr.uuid in r.out,
+          what + ': the independent parser reads aes, %s, %s, %d bits and the UUID '
+          'qemu-img shows' % (mode, hash_, bits), str(hdr))
     key = volume_key(what, h, 'key1', bits)
     hsum = sha256(h)
     if key:
