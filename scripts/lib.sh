@@ -15,6 +15,29 @@ OBJ=$BUILD/obj           # out-of-tree build directory
 STAMP=$BUILD/series.stamp
 
 msg() { printf '==> %s\n' "$*" >&2; }
+# Minutes:seconds since the script started.
+elapsed() { printf '%d:%02d' $((SECONDS / 60)) $((SECONDS % 60)); }
+
+# Show the progress of ninja, whose output comes on stdin: its [N/M]
+# counter on one updating line if stderr is a terminal, else a line at
+# every tenth of the steps.
+ninja_progress() {
+    local line n= m tenth shown=-1
+    while IFS= read -r line; do
+        [[ $line =~ ^\[([0-9]+)/([0-9]+)\]\  ]] || continue
+        n=${BASH_REMATCH[1]} m=${BASH_REMATCH[2]}
+        if [ -t 2 ]; then
+            printf '\r==> [%s] compiling [%d/%d]' "$(elapsed)" "$n" "$m" >&2
+        else
+            tenth=$((n * 10 / m))
+            if [ "$tenth" -ne "$shown" ]; then
+                shown=$tenth
+                msg "[$(elapsed)] compiling [$n/$m]"
+            fi
+        fi
+    done
+    if [ -t 2 ] && [ -n "$n" ]; then printf '\n' >&2; fi
+}
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 # Fixed identity and dates, so the debian-base commit is the same everywhere.

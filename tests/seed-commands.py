@@ -1,0 +1,170 @@
+#!/usr/bin/python3
+"""The detached-header commands as users type them (the README's and the
+docs' walkthrough), run with the binaries of the build under test, their
+human output checked.  Prints TAP."""
+
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lib'))
+from harness import (MiB, PROBE_PAYLOAD, QemuIoShell, check, qcow2,  # noqa: E402
+                     qemu_img, qemu_io, read, refuses, scratch, secret, sha256,
+                     spec, tap, QEMU_IO)
+
+# What the commands say.  The series may reword these: change them here.
+EXPECT = {
+    # the luks node put straight on a qcow2 file, as its payload
+    'qcow2-payload': 'starts with a qcow2 header',
+    'qcow2-fix': '"file": {"driver": "qcow2", "file": ...}',
+    'resize-header-alone': 'Cannot resize a detached LUKS header opened without its payload',
+    # today a size is refused; the series will accept it and ignore it
+    'create-with-size': 'A detached LUKS header is created without its payload: '
+                        'it takes neither a size nor preallocation',
+    'wrong-passphrase': 'Invalid password, cannot unlock any keyslot',
+    'not-luks': 'Volume is not in LUKS format',
+    'truncated': 'Encryption header is truncated',
+    'lock': re.compile(r'Failed to get .*"write" lock'),
+}
+SEC = secret(data='abc123')
+QCOW2 = qcow2('test-payload.qcow2')
+RAW = 'test-payload.raw'
+HEADER_ALONE = ['--image-opts', 'driver=luks,key-secret=sec0,file.filename=test-header.img']
+
+
+def vol(payload, header='test-header.img', **extra):
+    return spec(payload, header, **extra)
+
+
+scratch('seed-commands.')
+
+# 1. Create, as written (the default PBKDF time, as users get it).
+r = qemu_img('create', '--object', SEC, '-f', 'luks',
+             '-o', 'cipher-alg=aes-256,cipher-mode=xts', '-o', 'key-secret=sec0',
+             '-o', 'detached-header=true', 'test-header.img')
+check(r.ok, 'qemu-img create -o detached-header=true without a size', r)
+size = os.path.getsize('test-header.img') if os.path.exists('test-header.img') else 0
+check(1000000 < size < 4000000, 'the header file exists and is about 2 MiB (%d bytes)' % size)
+r = qemu_img('create', '-f', 'qcow2', 'test-payload.qcow2', '200G')
+check(r.ok, 'qemu-img create the qcow2 payload', r)
+r = qemu_img('create', '--object', SEC, '-f', 'luks', '-o', 'key-secret=sec0,iter-time=10',
+             '-o', 'detached-header=true', 'sized-header.img', '1M')
+check(not r.ok and EXPECT['create-with-size'] in r.out and not os.path.exists('sized-header.img'),
+      'qemu-img create -o detached-header=true with a size: refused today, no file left', r)
+
+# 2. The info call naming the qcow2 file directly: refused, fix named.
+r = qemu_img('info', vol('test-payload.qcow2'))
+check(r.refused, 'info on the qcow2 file\'s bytes fails', r)
+check(EXPECT['qcow2-payload'] in r.out, 'and says it is a qcow2 image', r.out)
+check(EXPECT['qcow2-fix'] in r.out, 'and names the fix', r.out)
+check('"%s": false' % PROBE_PAYLOAD in r.out, 'and names the option that turns the check off',
+      r.out)
+check('virtual size' not in r.out, 'and never reports the file length as the size')
+r = qemu_img('info', vol('test-payload.qcow2', **{PROBE_PAYLOAD: False}))
+qsize = -(-os.path.getsize('test-payload.qcow2') // 512) * 512    # whole sectors
+check(r.ok and '(%d bytes)' % qsize in r.out,
+      'with "%s": false the same file opens, its length (%d) as the size'
+      % (PROBE_PAYLOAD, qsize), r)
+
+# 3. With a qcow2 format node: 200 GiB, detached header.
+r = qemu_img('info', vol(QCOW2, key=None))
+for text, desc in [('virtual size: 200 GiB (214748364800 bytes)', 'virtual size is 200 GiB'),
+                   ('detached header: true', 'detached header: true'),
+                   ('payload offset: 0', 'payload offset: 0'),
+                   ('image: json:{"header": {"driver": "file", "filename": "test-header.img"}',
+                    "the image's name includes the header (json: filename)")]:
+    check(r.ok and text in r.out, 'info through a qcow2 node: ' + desc, r)
+
+# 4. qemu-io through the layering: qcow2 and raw payloads, reopened.
+with open(RAW, 'wb') as f:
+    f.truncate(64 * MiB)
+for name, payload in [('qcow2', QCOW2), ('raw', RAW)]:
+    r = qemu_io('--object', SEC, '-c', 'write -P 0xa5 0 1M', '-c', 'write -P 0x5a 32M 64k',
+                vol(payload))
+    check(r.ok and r.out.count('wrote ') == 2, '%s payload: qemu-io writes' % name, r)
+    r = qemu_io('--object', SEC, '-c', 'read -P 0xa5 0 1M', '-c', 'read -P 0x5a 32M 64k',
+                vol(payload))
+    check(r.ok and r.out.count('read ') == 2 and 'Pattern verification failed' not in r.out,
+          '%s payload: reopened, the data reads back' % name, r)
+with open('control.raw', 'wb') as f:
+    f.truncate(MiB)
+qemu_io('-f', 'raw', '-c', 'write -P 0xa5 0 64k', 'control.raw')
+check(b'\xa5' * 512 in read('control.raw'), '(control) plaintext written unencrypted is found')
+data = read(RAW)
+check(b'\xa5' * 512 not in data and b'\x5a' * 512 not in data,
+      'the raw payload holds no plaintext')
+check(b'LUKS\xba\xbe' not in data, 'the raw payload holds no LUKS magic')
+r = qemu_img('check', 'test-payload.qcow2')
+check('No errors were found on the image.' in r.out, 'the qcow2 payload stays consistent', r)
+
+# 5. The header alone: inspectable, empty, not writable.
+r = qemu_img('info', 'test-header.img')
+check('detached header: true' in r.out, 'qemu-img info on the header alone', r)
+check('virtual size: 0 B (0 bytes)' in r.out, 'the header alone has no size', r)
+hsum = sha256('test-header.img')
+# "length" first: the open itself must succeed, so that the write is what
+# fails.  The block layer stops the write (beyond the end of an empty
+# volume) before the luks driver sees it.
+r = qemu_io('--object', SEC, '-c', 'length', '-c', 'write 0 512', *HEADER_ALONE)
+check(r.refused and '0 bytes' in r.out and 'write failed' in r.out,
+      'writing to the header alone: it opens (length 0), the write fails', r)
+check(sha256('test-header.img') == hsum, 'and leaves it unchanged')
+# Resizing reaches the luks driver's own refusal.
+r = qemu_img('resize', '--object', SEC, *HEADER_ALONE, '+1M')
+check(r.refused and EXPECT['resize-header-alone'] in r.out,
+      'resizing the header alone fails, saying why', r)
+check(sha256('test-header.img') == hsum, 'and leaves it unchanged')
+
+
+# Held open read-write on its own, the header takes no write lock, so a
+# volume that uses it as its header still opens.  The holder is qemu-io
+# reading commands from a pipe: its answer to "length" says it is up.
+def second_open(holder_args, volume, what):
+    """Start a holder, then open volume read-write in another qemu-io.
+    Checks that the holder was up before and still is after, and quits
+    with status 0; returns the second open's result."""
+    h = QemuIoShell(holder_args)
+    answer = h.command('length', timeout=60)
+    check(answer and re.match(r'[0-9.]+ (bytes|[KMG]iB)$', answer.strip()) and h.alive(),
+          '%s: the holder is up (it answered "length": %s)' % (what, (answer or '').strip()),
+          h.out)
+    r = qemu_io('--object', SEC, '-c', 'read -P 0xa5 0 64k', volume)
+    check(h.alive() and h.command('length') is not None,
+          '%s: the holder is still there after the second open' % what, h.out)
+    rc = h.quit()
+    check(rc == 0, '%s: the holder quits with exit status 0 (%s)' % (what, rc), h.out)
+    return r
+
+
+r = second_open(['--object', SEC] + HEADER_ALONE, vol(RAW), 'header held alone')
+check(r.ok and 'Pattern verification failed' not in r.out and 'read 65536/65536' in r.out,
+      'header held alone: the volume using it as header still opens and reads', r)
+# Controls: holders that take locks do make that open fail.  A writer of
+# the header file, as plain raw:
+r = second_open(['-f', 'raw', 'test-header.img'], vol(RAW), 'header file held by a writer')
+check(r.refused and EXPECT['lock'].search(r.out) and '[test-header.img]' in r.out,
+      'header file held by a writer (control): the second open fails on its lock', r)
+# The whole volume, opened read-write (with the qcow2 payload: qemu-io
+# shares every permission of its own, and so does a raw payload under
+# luks; the qcow2 driver does not share writes to its file).
+r = second_open(['--object', SEC, vol(QCOW2)], vol(QCOW2), 'whole volume held')
+check(r.refused and EXPECT['lock'].search(r.out) and '[test-payload.qcow2]' in r.out,
+      'whole volume held (control): a second read-write open of it fails on a lock', r)
+
+# 6. Bad input: clear errors, nothing written.
+with open('test-header.img', 'rb') as f:
+    good = f.read()
+with open('short-header.img', 'wb') as f:
+    f.write(good[:4096])
+with open('random-header.img', 'wb') as f:
+    f.write(os.urandom(2 * MiB))
+files = ['test-header.img', RAW, 'short-header.img', 'random-header.img']
+for desc, text, key, header in [
+        ('wrong passphrase', EXPECT['wrong-passphrase'], 'wrong', 'test-header.img'),
+        ('missing header file', "Could not open 'nonexistent.img'", 'abc123', 'nonexistent.img'),
+        ('header that is not LUKS', EXPECT['not-luks'], 'abc123', 'random-header.img'),
+        ('truncated header', EXPECT['truncated'], 'abc123', 'short-header.img')]:
+    refuses(desc, [QEMU_IO, '--object', secret(data=key), '-c', 'write -P 0xee 0 4k',
+                   vol(RAW, header)], text, files)
+
+tap.done()
