@@ -50,7 +50,7 @@ MiB = 1 << 20
 # The luks blockdev option that turns off the payload probe.  The series
 # is renaming it (downstream QAPI names carry a vendor prefix); this is
 # the one place that names it.
-PROBE_PAYLOAD = 'probe-payload'
+PROBE_PAYLOAD = '__org.example_probe-payload'
 
 # Commands see the binaries under test first, and messages in English.
 ENV = dict(os.environ, PATH=OBJ + os.pathsep + os.environ.get('PATH', '/usr/bin:/bin'),
