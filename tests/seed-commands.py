@@ -4,13 +4,14 @@ docs' walkthrough), run with the binaries of the build under test, their
 human output checked.  Prints TAP."""
 
 import os
+import pwd
 import re
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lib'))
 from harness import (MiB, PROBE_PAYLOAD, QemuIoShell, check, qcow2,  # noqa: E402
                      qemu_img, qemu_io, read, refuses, scratch, secret, sha256,
-                     spec, tap, QEMU_IO)
+                     spec, tap, run, QEMU_IMG, QEMU_IO)
 
 # What the commands say.  The series may reword these: change them here.
 EXPECT = {
@@ -164,5 +165,42 @@ for desc, text, key, header in [
         ('truncated header', EXPECT['truncated'], 'abc123', 'short-header.img')]:
     refuses(desc, [QEMU_IO, '--object', secret(data=key), '-c', 'write -P 0xee 0 4k',
                    vol(RAW, header)], text, files)
+
+# 7. A protected header: the QEMU process may read it but not write it
+# (mode 0444 for an unprivileged user, as on a read-only NFS export).
+# It opens with no extra option; amending its keys fails, naming it.
+AS_NOBODY = ['setpriv', '--reuid=nobody', '--regid=nogroup', '--clear-groups']
+os.chmod('.', 0o711)                # the scratch directory is 0700
+os.mkdir('protected')
+os.chmod('protected', 0o755)
+r = qemu_img('create', '--object', SEC, '-f', 'luks', '-o', 'key-secret=sec0,iter-time=10',
+             '-o', 'detached-header=true', 'protected/hdr.img')
+with open('protected/data.raw', 'wb') as f:
+    f.truncate(4 * MiB)
+os.chmod('protected/hdr.img', 0o444)
+os.chown('protected/data.raw', pwd.getpwnam('nobody').pw_uid, -1)
+PROTECTED = vol('protected/data.raw', 'protected/hdr.img')
+hsum = sha256('protected/hdr.img')
+r = run(AS_NOBODY + [QEMU_IO, '--object', SEC, '-c', 'write -P 0x3c 0 64k',
+                     '-c', 'read -P 0x3c 0 64k', PROTECTED])
+check(r.ok and 'Pattern verification failed' not in r.out and 'read 65536/65536' in r.out,
+      'protected header (0444, unprivileged process): the volume opens, writes and reads back',
+      r)
+refuses('protected header: amending its keys',
+        AS_NOBODY + [QEMU_IMG, 'amend', '--object', SEC, '--object', secret('sec1', 'def456'),
+                     '-o', 'state=active,new-secret=sec1,iter-time=10', PROTECTED],
+        "Cannot update the keys of detached LUKS header 'protected/hdr.img'",
+        ['protected/hdr.img'])
+check(sha256('protected/hdr.img') == hsum, 'protected header: left unchanged')
+# Control: the same header, writable by that user, takes the new key.
+os.chown('protected/hdr.img', pwd.getpwnam('nobody').pw_uid, -1)
+os.chmod('protected/hdr.img', 0o644)
+r = run(AS_NOBODY + [QEMU_IMG, 'amend', '--object', SEC, '--object', secret('sec1', 'def456'),
+                     '-o', 'state=active,new-secret=sec1,iter-time=10', PROTECTED])
+r2 = run(AS_NOBODY + [QEMU_IO, '--object', secret(data='def456'), '-c', 'write -P 0x3d 0 64k',
+                      '-c', 'read -P 0x3d 0 64k', PROTECTED])
+check(r.ok and r2.ok and 'Pattern verification failed' not in r2.out,
+      'writable header (control): amend adds a key, which then unlocks the volume', '%s\n%s'
+      % (r, r2))
 
 tap.done()
