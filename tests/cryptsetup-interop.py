@@ -807,11 +807,11 @@ for row in [
          dict(kdf='argon2id', cipher='aes-cbc-essiv:sha256', bits=256, sector=4096)),
 ]:
     l2_row(*row)
-# Data offsets (--offset) and iv_tweak.  cryptsetup's luksFormat always
-# writes iv_tweak 0 (an offset moves the data, not the IVs, and --skip is
-# refused with luksFormat), so the non-zero ones are written into the
-# metadata by luks2.py set-json, checksums recomputed; cryptsetup must
-# still read them.
+# Data offsets (--offset) and iv_tweak; the other sector sizes.
+# cryptsetup's luksFormat always writes iv_tweak 0 (an offset moves the
+# data, not the IVs, and --skip is refused with luksFormat), so the
+# non-zero ones are written into the metadata by luks2.py set-json,
+# checksums recomputed; cryptsetup must still read them.
 for tag, desc, detached, sector, offset, tweak in [
         ('l2off-d', '--offset 4096 (2 MiB), 4096-byte sectors', True, 4096, 2 * MiB, None),
         ('l2off-a', '--offset 40960 (20 MiB), 512-byte sectors', False, 512, 20 * MiB, None),
@@ -819,7 +819,9 @@ for tag, desc, detached, sector, offset, tweak in [
          12345),
         ('l2tweak-a', '4096-byte sectors, iv_tweak 65536', False, 4096, None, 65536),
         ('l2tweak-odd', '4096-byte sectors, iv_tweak 4097 (not a whole 4096-byte sector)', True,
-         4096, None, 4097)]:
+         4096, None, 4097),
+        ('l2s1024', '1024-byte sectors', True, 1024, None, None),
+        ('l2s2048', '2048-byte sectors', False, 2048, None, None)]:
     l2_row(tag, desc + ', PBKDF2, aes-256-xts', detached,
            [*L2_PBKDF2, '--cipher', 'aes-xts-plain64', '--key-size', '512',
             '--sector-size', str(sector)], dict(XTS512, kdf='pbkdf2', sector=sector),
@@ -938,13 +940,20 @@ for name, copy, good in [('rec-pold', 'primary', 'secondary'),
                 good, 'key2')
 
 # --- LUKS2: refused, nothing written ----------------------------------------------
+L2_PATTERN = [0x10]
+
+
 def l2_refuses(desc, text, h, p, vspec=None, keyfile='key1'):
     """qemu-io opening the volume read-write to write fails saying text,
-    header and payload byte-identical (three TAP lines)."""
+    header and payload byte-identical (three TAP lines).  Each write has
+    a byte pattern of its own, so that one that got through would change
+    the payload even after another had."""
     if vspec is None:
         vspec = spec(p, h) if h != p else spec(p)
-    refuses('LUKS2 ' + desc, QIO + ['--object', secret(file=keyfile), '-c', 'write -P 0x11 0 4k',
-                                    vspec], text, [h] if h == p else [h, p])
+    L2_PATTERN[0] += 1
+    refuses('LUKS2 ' + desc, QIO + ['--object', secret(file=keyfile), '-c',
+                                    'write -P 0x%x 0 4k' % L2_PATTERN[0], vspec],
+            text, [h] if h == p else [h, p])
 
 
 def edited(name, base, edit):
