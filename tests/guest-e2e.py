@@ -1093,6 +1093,18 @@ def luks2_after(what, h, p, hdr, key, plain, byte):
     r = run(['cryptsetup', 'open', '--test-passphrase', '--header', h, p, '--key-file', '-'],
             stdin=PASS.encode())
     check(r.ok, what + ': cryptsetup open --test-passphrase still accepts the passphrase', r)
+    # cryptsetup's own decryption, in user space, of copies
+    hc, pc = h + '.cs', p + '.cs'
+    shutil.copy(h, hc)
+    shutil.copy(p, pc)
+    r = run(['cryptsetup', '--batch-mode', 'reencrypt', '--decrypt', '--force-offline-reencrypt',
+             '--header', hc, pc, '--key-file', '-'], stdin=PASS.encode(), timeout=120)
+    data = read(pc) if r.ok else b''
+    check(r.ok and data[:MiB] == plain.random and
+          data[L2_W_OFF:L2_W_OFF + L2_W_LEN] == bytes([byte]) * L2_W_LEN,
+          "%s: cryptsetup's own decryption (reencrypt --decrypt) reads the plaintext and "
+          "the guest's 0x%x pattern too" % (what, byte), r)
+    remove(pc)
 
 
 @guest_test(150)
