@@ -5,18 +5,24 @@ Not part of the test command: the seeds are checked in, and making them
 anew changes every salt and key.  Run it after a change to the target's
 input format or to what the seeds should cover:
 
-    QEMU_LUKS_BUILD=... tests/fuzz/make-seeds.py     # needs build/obj/qemu-img
+    tests/fuzz/make-seeds.py [NAME...]     # needs build/obj/qemu-img
+
+With names, only those seeds are written (all are made and checked).
 
 Each seed is a volume made by qemu-img or cryptsetup with the target's
 passphrase and KDF costs below the target's bounds, cut after its key
 material (the payload is never read), preceded by the target's flag byte,
-and stored xz-compressed as NAME.xz.  Key material of inactive LUKS1 key
+and stored xz-compressed as NAME.xz.  Seeds whose names start with
+"refused-" are headers that QEMU must refuse (tests/fuzz.py checks that
+they are refused, the others that they open and unlock).  Key material of inactive LUKS1 key
 slots is zeroed (cryptsetup fills it with random bytes; nothing reads it
 but the check that it is there), so that the seeds compress to the size
-of their active key material.  Every seed is checked to unlock with
+of their active key material; so is the part of a LUKS2 keyslots area
+that no keyslot of type luks2 uses.  Every seed is checked to unlock with
 cryptsetup before it is written.
 """
 
+import json
 import lzma
 import os
 import struct
@@ -66,11 +72,20 @@ def luks1_key_material_end(data, zero_inactive=True):
 
 
 def luks2_keyslots_end(data):
-    """The end of the keyslots area of the LUKS2 header in data"""
+    """The end of the keyslots area of the LUKS2 header in data (a
+    bytearray), zeroing what no keyslot uses of it"""
     hdr_size = struct.unpack_from('>Q', data, 8)[0]
-    json = bytes(data[4096:hdr_size]).split(b'\0')[0].decode()
-    size = int(json.split('"keyslots_size":"')[1].split('"')[0])
-    return 2 * hdr_size + size
+    meta = json.loads(bytes(data[4096:hdr_size]).split(b'\0')[0])
+    end = 2 * hdr_size + int(meta['config']['keyslots_size'])
+    used = bytearray(end)
+    for ks in meta['keyslots'].values():
+        if ks['type'] == 'luks2':
+            offset, size = int(ks['area']['offset']), int(ks['area']['size'])
+            used[offset:offset + size] = b'\1' * size
+    for i in range(2 * hdr_size, end):
+        if not used[i]:
+            data[i] = 0
+    return end
 
 
 def save(name, flags, path, luks1, header=None, damage=None):
@@ -82,6 +97,8 @@ def save(name, flags, path, luks1, header=None, damage=None):
     end = luks1_key_material_end(data) if luks1 else luks2_keyslots_end(data)
     if damage:
         damage(data)
+    if sys.argv[1:] and name not in sys.argv[1:]:
+        return
     assert len(data) >= end, name
     seed = bytes([flags]) + bytes(data[:end])
     with open(os.path.join(SEEDS, name + '.xz'), 'wb') as f:
@@ -187,6 +204,15 @@ def cryptsetup_luks2(tmp):
         token.flush()
         sh('cryptsetup', 'token', 'import', '--json-file', token.name, v, stdin=None)
     save('cryptsetup-luks2-two-keyslots-token', LUKS2, v, False)
+
+    # A reencryption initialised and never run: the mandatory requirement
+    # online-reencrypt-v2, a keyslot of type reencrypt, three segments.
+    # QEMU refuses it, saying why; the name says so to tests/fuzz.py.
+    v = volume(os.path.join(tmp, 'cs2e.img'))
+    luks2_format(v, '--cipher', 'aes-cbc-essiv:sha256', '--key-size', '128',
+                 '--sector-size', '4096', '--luks2-keyslots-size', '256k', *PBKDF2)
+    cryptsetup('reencrypt', '--init-only', '--resilience', 'none', *PBKDF2, v)
+    save('refused-cryptsetup-luks2-reencryption', LUKS2, v, False)
 
 
 def main():
