@@ -1,15 +1,20 @@
 #!/usr/bin/python3
 """LUKS1 detached headers between QEMU (the build under test) and
-cryptsetup, both ways; recovery from header backups; LUKS2 refused; bad
-input refused without writing a byte.  tests/INTEROP.md has the table.
+cryptsetup, both ways; recovery from header backups; bad input refused
+without writing a byte.  Then LUKS2 volumes made by cryptsetup, attached
+and detached, in both data directions; recovery from one bad metadata
+copy; every LUKS2 refusal.  tests/INTEROP.md has the tables.
 
 cryptsetup can't map devices here (no device-mapper), so the data path is
-checked with tests/lib/luks1.py, which unlocks headers and encrypts and
-decrypts payloads on its own (AES from python3-cryptography).  Every
-volume key is taken twice: from that independent unlock, and from
-`cryptsetup luksDump --dump-volume-key`; the two must agree.  Prints TAP.
+checked with tests/lib/luks1.py and tests/lib/luks2.py, which unlock
+headers and encrypt and decrypt payloads on their own (AES from
+python3-cryptography, Argon2 from python3-argon2).  Every volume key is
+taken twice: from that independent unlock, and from `cryptsetup luksDump
+--dump-volume-key`; the two must agree.  Prints TAP.
 """
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -17,7 +22,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lib'))
 import luks1  # noqa: E402
-from harness import (MiB, QEMU_IMG, QEMU_IO, check, missing_tools, qemu_img,  # noqa: E402
+import luks2  # noqa: E402
+from harness import (MiB, QEMU_IMG, QEMU_IO, check, diag, missing_tools, qemu_img,  # noqa: E402
                      qemu_io, read, read_volume, reads_back, refuses, remove, run,
                      scratch, secret, sha256, skip, spec, sums, tap, write)
 
@@ -25,7 +31,8 @@ from harness import (MiB, QEMU_IMG, QEMU_IO, check, missing_tools, qemu_img,  # 
 EXPECT = {
     'wrong-passphrase': 'Invalid password, cannot unlock any keyslot',
     'not-luks': 'Volume is not in LUKS format',
-    'luks2': 'LUKS version 2 is not supported',
+    # An empty file: the magic and version (8 bytes) tell LUKS1 from LUKS2
+    'truncated-empty': "Encryption header is truncated: '%s' ends before byte 8 of the header",
     'luks3': 'LUKS version 3 is not supported',
     'truncated': "Encryption header is truncated: '%s' ends before byte 592 of the header",
     'truncated-material': re.compile(
@@ -44,12 +51,40 @@ EXPECT = {
     'read-only': re.compile(r'^qemu-img: Block node is read-only$', re.M),
     'permission': "Could not open '%s': Permission denied",
     'open-failed': 'Could not open',
+    # LUKS2
+    'l2-copy': 'warning: LUKS2 header: the %s copy is %s; using the %s copy',
+    'l2-both': 'LUKS2 header is damaged: primary copy: checksum mismatch; '
+               'secondary copy: checksum mismatch',
+    'l2-requirement': "LUKS2 volume has the mandatory requirement '%s', which QEMU does not "
+                      "support",
+    'l2-reencrypt': ': a reencryption is in progress or was interrupted',
+    'l2-reencrypt-keyslot': 'LUKS2 keyslot %d is a reencryption keyslot: a reencryption is in '
+                            'progress or was interrupted, which QEMU does not support',
+    'l2-segments': 'LUKS2 volume has %d data segments, but QEMU supports only one (more appear '
+                   'while a reencryption is in progress)',
+    'l2-integrity': 'LUKS2 segment 0 has integrity protection (dm-integrity), which QEMU does '
+                    'not support',
+    'l2-linear': "LUKS2 segment 0 is of type 'linear', but QEMU supports 'crypt' only",
+    'l2-sector': 'LUKS2 segment 0 has sector size %d, but only 512, 1024, 2048 and 4096 are '
+                 'supported',
+    'l2-kdf-limit': "LUKS2 %s, with %s, needs %d units of KDF work, more than the limit of %d "
+                    "for unlocking a key; raise the limit with '__org.example_kdf-work-limit' "
+                    "only for a header you trust",
+    'l2-argon2-memory': 'LUKS2 keyslot 0: Argon2 memory cost 4194305 KiB is above the 4194304 '
+                        'KiB (4 GiB) that LUKS2 allows',
+    'l2-argon2-memory-limit': "LUKS2 keyslot 0 asks Argon2 for %d KiB of memory, more than the "
+                              "limit of %d KiB; raise the limit with "
+                              "'__org.example_kdf-memory-limit' only for a header you trust",
+    'l2-no-keyslot': 'LUKS2 volume has no keyslot to try: the keyslots of its volume key are '
+                     'all to be ignored (priority 0)',
+    'l2-argon2-lanes': 'LUKS2 keyslot 0: Argon2 parallelism 5 is not from 1 to 4, as LUKS2 '
+                       'requires',
 }
 CS = ['cryptsetup', '--batch-mode']
 FAST = ['--pbkdf-force-iterations', '1000']       # the least PBKDF2 work
 QIO = [QEMU_IO]
 
-gone = missing_tools([QEMU_IMG, QEMU_IO], ['cryptsetup', 'setpriv'], ['cryptography'])
+gone = missing_tools([QEMU_IMG, QEMU_IO], ['cryptsetup', 'setpriv'], ['cryptography', 'argon2'])
 if gone:
     check(False, 'prerequisites present: missing ' + ', '.join(gone))
     tap.done()
@@ -401,7 +436,7 @@ bad('wrong passphrase', EXPECT['wrong-passphrase'], 'base.hdr', 'data.raw',
 bad('header file missing', EXPECT['missing'] % 'missing.hdr', 'missing.hdr', 'data.raw',
     spec('data.raw', 'missing.hdr'))
 write('empty.hdr', b'')
-bad('empty header file', EXPECT['truncated'] % 'empty.hdr', 'empty.hdr', 'data.raw',
+bad('empty header file', EXPECT['truncated-empty'] % 'empty.hdr', 'empty.hdr', 'data.raw',
     spec('data.raw', 'empty.hdr'))
 # The LUKS1 header proper is 592 bytes; its key-slot table starts at 208.
 base = read('base.hdr')
@@ -445,19 +480,6 @@ shutil.copy('qatt.bak', 'both-att.img')
 truncate('both-att.img', 4 * MiB)
 bad('the same attached image as header and payload', EXPECT['same-image'] % 'both-att.img',
     'both-att.img', 'both-att.img', spec('both-att.img', 'both-att.img'))
-
-# LUKS2, cryptsetup's default format: refused by name.
-truncate('l2.raw', MiB)
-r = cs('luksFormat', '--type', 'luks2', '--pbkdf', 'pbkdf2', *FAST, '--key-file', 'key1',
-       '--header', 'l2.hdr', 'l2.raw')
-check(r.ok, 'LUKS2: cryptsetup luksFormat --type luks2 --header', r)
-bad('LUKS2 detached header', EXPECT['luks2'], 'l2.hdr', 'l2.raw', spec('l2.raw', 'l2.hdr'))
-truncate('l2.img', 20 * MiB)
-cs('luksFormat', '--pbkdf', 'pbkdf2', *FAST, '--key-file', 'key1', 'l2.img')
-r = cs('luksDump', 'l2.img')
-check(re.search(r'^Version:\s*2$', r.out, re.M),
-      'LUKS2: cryptsetup luksFormat with its defaults makes LUKS2', r)
-bad('LUKS2 attached image', EXPECT['luks2'], 'l2.img', 'l2.raw', spec('l2.img'))
 
 # Read-only storage during amend.  We run as root, whom a file mode
 # doesn't stop: QEMU's read-only option on the header node, then mode
@@ -513,5 +535,627 @@ check(sums(['other.hdr', 'data.raw']) == before,
       'a header from a different volume: opening it wrote nothing')
 reads_back('with its own header the same payload still reads right', 'key1',
            spec('data.raw', 'base.hdr'), 'data.plain')
+
+# === LUKS2 ======================================================================
+# Every LUKS2 header here is cryptsetup's (tests/luks2-create.py checks the
+# ones QEMU creates).  The data path is checked with tests/lib/luks2.py, an
+# independent LUKS2 parser and unlock (PBKDF2 from hashlib, Argon2 from
+# python3-argon2) with dm-crypt's sector encryption: it encrypts what QEMU
+# must read and decrypts what QEMU wrote, keyed with the volume key from its
+# own unlock, which must equal cryptsetup's --dump-volume-key.  Fast KDF
+# settings everywhere but in the two "defaults" rows, where cryptsetup's
+# own choices (Argon2id with its benchmark, its sector size) are the point.
+L2_PBKDF2 = ['--pbkdf', 'pbkdf2', *FAST]
+L2_ARGON2 = ['--pbkdf-memory', '32', '--pbkdf-force-iterations', '4', '--pbkdf-parallel', '1']
+PRIORITY = {0: 'ignore', 1: 'normal', 2: 'prefer'}
+
+
+def l2_cipher_fields(encryption, key_bytes):
+    """The LUKS fields of qemu-img info for a dm-crypt cipher spec such as
+    aes-xts-plain64 or aes-cbc-essiv:sha256 and a volume key size."""
+    alg, mode, iv = encryption.split('-', 2)
+    iv, _, ivhash = iv.partition(':')
+    d = {'cipher-alg': '%s-%d' % (alg, key_bytes * 8 // (2 if mode == 'xts' else 1)),
+         'cipher-mode': mode, 'ivgen-alg': iv}
+    if ivhash:
+        d['ivgen-hash-alg'] = ivhash
+    return d
+
+
+def l2_info_want(hdr, detached):
+    """What qemu-img info --output=json must say under format-specific data,
+    computed from the independent parser's reading of the header (the
+    layout of the fields is the iotests' luks2.out)."""
+    seg, dig = hdr.segment(), hdr.digest()
+    slots = sorted(hdr.json['keyslots'].items(), key=lambda kv: int(kv[0]))
+    key_bytes = hdr.json['keyslots'][dig['keyslots'][0]]['key_size']
+    d = l2_cipher_fields(seg['encryption'], key_bytes)
+    d.update({'detached-header': detached, 'hash-alg': dig['hash'],
+              'master-key-iters': dig['iterations'], 'payload-offset': int(seg['offset']),
+              'uuid': hdr.uuid, 'slots': []})
+    l2 = {'version': 2, 'header-size': hdr.hdr_size,
+          'keyslots-size': int(hdr.json['config']['keyslots_size']),
+          # an empty label or subsystem is left out
+          **{k: v for k, v in (('label', hdr.label), ('subsystem', hdr.copy.subsystem)) if v},
+          'segment': {'encryption': seg['encryption'], 'iv-tweak': int(seg['iv_tweak']),
+                      'offset': int(seg['offset']), 'sector-size': seg['sector_size']},
+          'keyslots': []}
+    for sid, ks in slots:
+        k, area = ks['kdf'], ks['area']
+        slot = {'active': True, 'key-offset': int(area['offset']), 'stripes': ks['af']['stripes']}
+        one = {'id': int(sid), 'key-size': ks['key_size'], 'kdf': k['type'],
+               'priority': PRIORITY[ks.get('priority', 1)], 'stripes': ks['af']['stripes'],
+               'area-encryption': area['encryption'], 'area-key-size': area['key_size'],
+               'area-offset': int(area['offset']), 'area-size': int(area['size'])}
+        if k['type'] == 'pbkdf2':
+            slot['iters'] = k['iterations']
+            one.update(hash=k['hash'], iterations=k['iterations'])
+        else:
+            one.update(time=k['time'], memory=k['memory'], cpus=k['cpus'])
+        d['slots'].append(slot)
+        l2['keyslots'].append(one)
+    d['__org.example_luks2'] = l2
+    return d
+
+
+def dict_diff(got, want, path=''):
+    """The differences between two JSON values, one per line."""
+    if isinstance(got, dict) and isinstance(want, dict):
+        return [x for k in sorted(set(got) | set(want), key=str)
+                for x in dict_diff(got.get(k, '(absent)'), want.get(k, '(absent)'),
+                                   '%s/%s' % (path, k))]
+    if isinstance(got, list) and isinstance(want, list) and len(got) == len(want):
+        return [x for i, (g, w) in enumerate(zip(got, want))
+                for x in dict_diff(g, w, '%s[%d]' % (path, i))]
+    return [] if got == want else ['%s: qemu-img %r, expected %r' % (path or '/', got, want)]
+
+
+def l2_info(what, volume_spec, hdr, detached, size):
+    """qemu-img info (no secret) against the independent parser: two TAP lines."""
+    r = qemu_img('info', '--output=json', volume_spec)
+    try:
+        info = json.loads(r.out) if r.ok else {}
+    except ValueError:
+        info = {}
+    data = info.get('format-specific', {}).get('data', {})
+    want = l2_info_want(hdr, detached)
+    got_l2, want_l2 = data.get('__org.example_luks2'), want.pop('__org.example_luks2')
+    diff = dict_diff({k: v for k, v in data.items() if k != '__org.example_luks2'}, want)
+    if info.get('virtual-size') != size:
+        diff.insert(0, 'virtual-size: qemu-img %s, expected %d' % (info.get('virtual-size'), size))
+    check(r.ok and not diff, '%s: qemu-img info: %d bytes, detached header %s, payload offset %d, '
+          '%s %s %s, the UUID, digest and key slots as the independent parser reads them'
+          % (what, size, str(detached).lower(), want['payload-offset'], want['cipher-alg'],
+             want['cipher-mode'], want['ivgen-alg']), '\n'.join(diff) if r.ok else r)
+    diff = dict_diff(got_l2, want_l2)
+    check(r.ok and not diff, '%s: qemu-img info, __org.example_luks2: header and keyslots area '
+          'sizes, label, segment (sector %d, iv_tweak %d), each keyslot and its KDF'
+          % (what, want_l2['segment']['sector-size'], want_l2['segment']['iv-tweak']),
+          '\n'.join(diff) if r.ok else r)
+
+
+def l2_header(path):
+    """The independent parser's reading of a header (None if it fails)."""
+    try:
+        return luks2.Header(path)
+    except (luks2.LUKS2Error, ValueError, KeyError, OSError) as e:
+        diag('luks2.py on %s: %s' % (path, e))
+        return None
+
+
+def l2_volume_key(what, hdr, header, keyfile, bits):
+    """The volume key, from the independent unlock; checked against
+    cryptsetup's.  Two TAP lines; None if the independent unlock failed."""
+    try:
+        slot, key = luks2.unlock(hdr, PASS[keyfile])
+        why = 'keyslot %d' % slot
+    except (luks2.LUKS2Error, ValueError, KeyError, AttributeError, OSError) as e:
+        key, why = None, str(e)
+    check(key is not None and len(key) * 8 == bits, '%s: the independent LUKS2 code unlocks '
+          'the header (%s) to a %d-bit key passing its digest check' % (what, why, bits),
+          '%s bits' % (len(key) * 8) if key else why)
+    theirs = cs_volume_key(header, keyfile)
+    check(key is not None and theirs == key, "%s: cryptsetup's --dump-volume-key "
+          'gives the same key' % what,
+          'independent: %s\ncryptsetup:  %s' % (key and key.hex(), theirs and theirs.hex()))
+    return key
+
+
+def l2_encrypt(hdr, key, src, dst, offset):
+    """The independent encryption of the file src into dst at offset."""
+    with open(dst, 'r+b') as f:
+        f.seek(offset)
+        f.write(luks2.payload_crypt(hdr, key, read(src), 0, True))
+
+
+def l2_decrypts(hdr, key, src, offset, want):
+    """Whether the independent decryption of src at offset gives the bytes
+    want (no key: False)."""
+    if key is None:
+        return False
+    with open(src, 'rb') as f:
+        f.seek(offset)
+        data = f.read(len(want))
+    return len(data) == len(want) and luks2.payload_crypt(hdr, key, data, 0, False) == want
+
+
+def head_sum(path, length):
+    """sha256 of the first length bytes of path (a header region)."""
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read(length)).hexdigest()
+
+
+def set_json(path, edit):
+    """Rewrite both metadata copies of path with edit(json) applied, valid
+    checksums and the next sequence id (luks2.py set-json)."""
+    hdr = luks2.Header(path)
+    edit(hdr.json)
+    luks2.set_json(path, hdr.json)
+
+
+def cs_json(path):
+    """The LUKS2 metadata as cryptsetup reads them (luksDump
+    --dump-json-metadata), or {}."""
+    r = cs('luksDump', '--dump-json-metadata', path)
+    try:
+        return json.loads(r.out) if r.ok else {}
+    except ValueError:
+        return {}
+
+
+def cs_segment(path):
+    """Segment 0 and keyslot 0 as luksDump prints them: offset, cipher,
+    sector size, key bits, PBKDF."""
+    out = cs('luksDump', path).out
+    seg = re.search(r'^  0: crypt\n\toffset: (\d+) \[bytes\]\n.*?\n\tcipher: (\S+)\n'
+                    r'\tsector: (\d+) \[bytes\]', out, re.M | re.S)
+    ks = re.search(r'^  0: luks2\n\tKey:\s+(\d+) bits\n.*?\tPBKDF:\s+(\S+)', out, re.M | re.S)
+    if not seg or not ks:
+        return None
+    return {'offset': int(seg.group(1)), 'cipher': seg.group(2), 'sector': int(seg.group(3)),
+            'bits': int(ks.group(1)), 'kdf': ks.group(2)}
+
+
+def cs_decrypt(h, p, detached, off, length):
+    """cryptsetup's own decryption of a copy of the volume: `cryptsetup
+    reencrypt --decrypt --force-offline-reencrypt` runs in user space on
+    image files, no device-mapper needed.  It decrypts a detached volume in
+    place, and moves an attached one's data to byte 0 (its header to
+    another file).  It refuses a detached header whose data offset isn't 0:
+    there the copy holds only the data area, and the header copy says
+    offset 0 (set-json; the IVs don't depend on the offset).  Returns the
+    Result and the first length bytes of plaintext (or None)."""
+    hc, pc = 'csdec.hdr', 'csdec.raw'
+    remove(hc)
+    if detached:
+        shutil.copy(h, hc)
+        with open(p, 'rb') as f:
+            f.seek(off)
+            write(pc, f.read())
+        if off:
+            set_json(hc, lambda j: j['segments']['0'].update(offset='0'))
+    else:
+        shutil.copy(p, pc)
+    r = cs('reencrypt', '--decrypt', '--force-offline-reencrypt', '--header', hc, pc,
+           '--key-file', 'key1', timeout=120)
+    return r, (read(pc)[:length] if r.ok else None)
+
+
+def l2_row(tag, desc, detached, csopts, want, offset=None, tweak=None):
+    """One LUKS2 volume made by cryptsetup, both data directions.  want:
+    what the options ask for (kdf, hash, cipher, bits, sector; a missing
+    key is cryptsetup's choice).  offset: --offset in bytes; tweak: an
+    iv_tweak put into the metadata with luks2.py set-json."""
+    what = 'LUKS2 %s, %s' % ('detached' if detached else 'attached', desc)
+    if detached:
+        h, p = tag + '.hdr', tag + '.raw'
+        truncate(p, (offset or 0) + MiB)
+        where = ['--header', h, p]
+    else:
+        h = p = tag + '.img'
+        truncate(p, (offset or 16 * MiB) + MiB)
+        where = [p]
+    opts = csopts + (['--offset', str(offset // 512)] if offset else [])
+    r = cs('luksFormat', '--type', 'luks2', *opts, '--key-file', 'key1', *where, timeout=120)
+    if not check(r.ok, '%s: cryptsetup luksFormat --type luks2 %s%s' % (
+            what, ' '.join(opts), ' --header' if detached else ''), r):
+        return
+    if tweak is not None:
+        set_json(h, lambda j: j['segments']['0'].update(iv_tweak=str(tweak)))
+        got = cs_json(h).get('segments', {}).get('0', {}).get('iv_tweak')
+        check(got == str(tweak), '%s: with iv_tweak %d written by luks2.py set-json, cryptsetup '
+              'reads iv_tweak %s (luksDump --dump-json-metadata)' % (what, tweak, got))
+    hdr = l2_header(h)
+    if not check(hdr, what + ': the independent parser reads the header'):
+        return
+    seg, ks = hdr.segment(), hdr.json['keyslots']['0']
+    got = {'kdf': ks['kdf']['type'], 'hash': ks['kdf'].get('hash'), 'cipher': seg['encryption'],
+           'bits': ks['key_size'] * 8, 'sector': seg['sector_size'], 'offset': int(seg['offset']),
+           'iv_tweak': int(seg['iv_tweak'])}
+    asked = dict(want, iv_tweak=tweak or 0)
+    if offset or detached:
+        asked['offset'] = offset or 0
+    check(all(got[k] == v for k, v in asked.items()),
+          '%s: the independent parser reads what was asked: %s' % (what, ', '.join(
+              '%s %s' % (k, v) for k, v in asked.items())), 'read: %s' % got)
+    theirs = cs_segment(h)
+    mine = {k: got[k] for k in ('offset', 'cipher', 'sector', 'bits', 'kdf')}
+    check(theirs == mine, '%s: cryptsetup luksDump agrees: data offset %d, %s, %d-byte sectors, '
+          '%d-bit key, %s' % (what, got['offset'], got['cipher'], got['sector'], got['bits'],
+                              got['kdf']), 'luksDump: %s\nluks2.py: %s' % (theirs, mine))
+    off = got['offset']
+    size = os.path.getsize(p) - off
+    vspec = spec(p, h) if detached else spec(p)
+    l2_info(what, spec(p, h, key=None) if detached else spec(p, key=None), hdr, detached, size)
+    key = l2_volume_key(what, hdr, h, 'key1', got['bits'])
+    hsum = sha256(h) if detached else head_sum(h, off)
+    if key:
+        l2_encrypt(hdr, key, 'plain1', p, off)
+    reads_back(what + ': QEMU reads what the independent encryption wrote', 'key1', vspec,
+               'plain1')
+    r = qwrite('key1', 'plain2', vspec)
+    check(r.ok and l2_decrypts(hdr, key, p, off, read('plain2')),
+          what + ': the independent decryption reads what QEMU wrote (qemu-img convert)', r)
+    # Unaligned: inside one sector (a read-modify-write with 4096-byte
+    # sectors) and across a sector boundary
+    want_data = bytearray(read('plain2'))
+    want_data[1000:5000] = b'\x5a' * 4000
+    r = qemu_io('--object', secret(file='key1'), '-c', 'write -P 0x5a 1000 4000', vspec)
+    check(r.ok and l2_decrypts(hdr, key, p, off, bytes(want_data)),
+          what + ': the independent decryption reads an unaligned write of QEMU '
+          '(4000 bytes at 1000), the rest unchanged', r)
+    check((sha256(h) if detached else head_sum(h, off)) == hsum,
+          "%s: QEMU's I/O left the header byte-identical (%s)"
+          % (what, h if detached else 'its first %d bytes' % off))
+    check(testpass(h, p, 'key1').ok if detached else cs('open', '--test-passphrase', p,
+                                                        '--key-file', 'key1').ok,
+          what + ': cryptsetup open --test-passphrase still accepts the passphrase')
+    # A third opinion: cryptsetup's own data path
+    # (with an iv_tweak, which cryptsetup ignores for one segment, as
+    # QEMU and luks2.py do)
+    r, data = cs_decrypt(h, p, detached, off, MiB)
+    check(r.ok and data == bytes(want_data), what + ": cryptsetup's own decryption "
+          '(reencrypt --decrypt, on copies) reads what QEMU wrote', r)
+
+
+XTS512 = {'cipher': 'aes-xts-plain64', 'bits': 512}
+DEFAULTS = dict(XTS512, kdf='argon2id')
+for row in [
+        ('l2def-a', 'cryptsetup defaults (Argon2id, aes-xts-plain64, 512-bit key)', False, [],
+         DEFAULTS),
+        ('l2def-d', 'cryptsetup defaults (Argon2id, aes-xts-plain64, 512-bit key)', True, [],
+         DEFAULTS),
+        ('l2argon2i', 'Argon2i, aes-256-xts, 4096-byte sectors', True,
+         ['--pbkdf', 'argon2i', *L2_ARGON2, '--cipher', 'aes-xts-plain64', '--key-size', '512',
+          '--sector-size', '4096'], dict(XTS512, kdf='argon2i', sector=4096)),
+        ('l2sha256', 'PBKDF2-sha256, aes-128-xts, 512-byte sectors', False,
+         [*L2_PBKDF2, '--hash', 'sha256', '--cipher', 'aes-xts-plain64', '--key-size', '256',
+          '--sector-size', '512'],
+         dict(kdf='pbkdf2', hash='sha256', cipher='aes-xts-plain64', bits=256, sector=512)),
+        ('l2sha512', 'PBKDF2-sha512, aes-cbc-essiv:sha256, 512-byte sectors', True,
+         [*L2_PBKDF2, '--hash', 'sha512', '--cipher', 'aes-cbc-essiv:sha256', '--key-size', '256',
+          '--sector-size', '512'],
+         dict(kdf='pbkdf2', hash='sha512', cipher='aes-cbc-essiv:sha256', bits=256, sector=512)),
+        ('l2essiv4k', 'Argon2id, aes-cbc-essiv:sha256, 4096-byte sectors', False,
+         ['--pbkdf', 'argon2id', *L2_ARGON2, '--cipher', 'aes-cbc-essiv:sha256', '--key-size',
+          '256', '--sector-size', '4096'],
+         dict(kdf='argon2id', cipher='aes-cbc-essiv:sha256', bits=256, sector=4096)),
+]:
+    l2_row(*row)
+# Data offsets (--offset) and iv_tweak; the other sector sizes.
+# cryptsetup's luksFormat always writes iv_tweak 0 (an offset moves the
+# data, not the IVs, and --skip is refused with luksFormat), so the
+# non-zero ones are written into the metadata by luks2.py set-json,
+# checksums recomputed; cryptsetup must still read them.
+for tag, desc, detached, sector, offset, tweak in [
+        ('l2off-d', '--offset 4096 (2 MiB), 4096-byte sectors', True, 4096, 2 * MiB, None),
+        ('l2off-a', '--offset 40960 (20 MiB), 512-byte sectors', False, 512, 20 * MiB, None),
+        ('l2tweak-d', '--offset 2048 (1 MiB), 512-byte sectors, iv_tweak 12345', True, 512, MiB,
+         12345),
+        ('l2tweak-a', '4096-byte sectors, iv_tweak 65536', False, 4096, None, 65536),
+        ('l2tweak-odd', '4096-byte sectors, iv_tweak 4097 (not a whole 4096-byte sector)', True,
+         4096, None, 4097),
+        ('l2s1024', '1024-byte sectors', True, 1024, None, None),
+        ('l2s2048', '2048-byte sectors', False, 2048, None, None)]:
+    l2_row(tag, desc + ', PBKDF2, aes-256-xts', detached,
+           [*L2_PBKDF2, '--cipher', 'aes-xts-plain64', '--key-size', '512',
+            '--sector-size', str(sector)], dict(XTS512, kdf='pbkdf2', sector=sector),
+           offset, tweak)
+
+
+# cryptsetup's own encryption: `reencrypt --encrypt` (offline, in user
+# space) turns a plaintext image into a LUKS2 volume in place, with a new
+# detached header, or attached with the data moved up (--reduce-device-size).
+for tag, desc, detached, opts in [
+        ('csenc-xts', 'aes-xts-plain64 512-bit key, 4096-byte sectors, Argon2id', True,
+         ['--pbkdf', 'argon2id', *L2_ARGON2, '--cipher', 'aes-xts-plain64', '--key-size', '512',
+          '--sector-size', '4096']),
+        ('csenc-essiv', 'aes-cbc-essiv:sha256, 512-byte sectors, PBKDF2', True,
+         [*L2_PBKDF2, '--cipher', 'aes-cbc-essiv:sha256', '--key-size', '256',
+          '--sector-size', '512']),
+        ('csenc-att', 'aes-xts-plain64 256-bit key, --reduce-device-size 32M, PBKDF2', False,
+         [*L2_PBKDF2, '--cipher', 'aes-xts-plain64', '--key-size', '256',
+          '--reduce-device-size', '32M'])]:
+    what = 'LUKS2 %s, encrypted by cryptsetup reencrypt --encrypt: %s' % (
+        'detached' if detached else 'attached', desc)
+    h, p = (tag + '.hdr', tag + '.raw') if detached else (tag + '.img',) * 2
+    write(p, read('plain1') + (b'' if detached else bytes(32 * MiB)))
+    r = cs('reencrypt', '--encrypt', '--type', 'luks2', '--force-offline-reencrypt', *opts,
+           *(['--header', h] if detached else []), p, '--key-file', 'key1', timeout=120)
+    if not check(r.ok, what + ': cryptsetup encrypts the plaintext in place', r):
+        continue
+    hdr = l2_header(h)
+    off = int(hdr.segment()['offset']) if hdr else 0
+    key = l2_volume_key(what, hdr, h, 'key1', hdr.json['keyslots']['0']['key_size'] * 8
+                        if hdr else 0)
+    vspec = spec(p, h) if detached else spec(p)
+    r = read_volume('key1', vspec, 'out.raw')
+    check(r.ok and read('out.raw')[:MiB] == read('plain1'),
+          what + ': QEMU reads the plaintext (data at byte %d)' % off, r)
+    check(l2_decrypts(hdr, key, p, off, read('plain1')),
+          what + ': and so does the independent decryption')
+
+
+# --- LUKS2: one damaged or outdated copy of the metadata -----------------------
+# QEMU opens the volume from the other copy, warns naming the bad one, reads
+# and writes the payload right, and never writes (repairs) the header.  The
+# independent parser must choose the same copy.
+def l2_make(tag, detached, extra=()):
+    """A fast cryptsetup LUKS2 volume (PBKDF2, 4096-byte sectors, 1 MiB of
+    data): (header file, payload file)."""
+    if detached:
+        h, p = tag + '.hdr', tag + '.raw'
+        truncate(p, MiB)
+        where = ['--header', h, p]
+    else:
+        h = p = tag + '.img'
+        truncate(p, 17 * MiB)
+        where = [p]
+    r = cs('luksFormat', '--type', 'luks2', *L2_PBKDF2, '--sector-size', '4096', *extra,
+           '--key-file', 'key1', *where)
+    check(r.ok, 'LUKS2 %s: cryptsetup luksFormat%s' % (tag, ' --header' if detached else ''), r)
+    return h, p
+
+
+def l2_fill(h, p, plain):
+    """The independent encryption of the file plain into the payload."""
+    hdr = luks2.Header(h)
+    key = luks2.unlock(hdr, PASS['key1'])[1]
+    l2_encrypt(hdr, key, plain, p, int(hdr.segment()['offset']))
+
+
+def flip(path, offset):
+    with open(path, 'r+b') as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 1]))
+
+
+def chosen_copy(hdr):
+    """Which copy the independent parser uses."""
+    return 'primary' if hdr.copy.raw == hdr.data[:hdr.hdr_size] else 'secondary'
+
+
+def l2_recovers(what, h, p, detached, warning, good, keyfile):
+    """QEMU uses the good copy of header h (the independent parser too):
+    five TAP lines."""
+    hdr = l2_header(h)
+    check(hdr and chosen_copy(hdr) == good, '%s: the independent parser uses the %s copy too'
+          % (what, good), hdr and 'it uses the %s copy (%s)' % (chosen_copy(hdr), hdr.errors))
+    try:
+        key = luks2.unlock(hdr, PASS[keyfile])[1]
+        off = int(hdr.segment()['offset'])
+    except (luks2.LUKS2Error, AttributeError) as e:
+        key, off = None, 0
+        diag('luks2.py: %s' % e)
+    vspec = spec(p, h) if detached else spec(p)
+    before = sha256(h) if detached else head_sum(h, off)
+    r = read_volume(keyfile, vspec, 'out.raw')
+    check(r.ok and EXPECT['l2-copy'] % warning in r.out,
+          '%s: QEMU opens it and warns "%s"' % (what, EXPECT['l2-copy'] % warning), r)
+    check(r.ok and same('out.raw', 'plain1'), what + ': and reads the right data')
+    r = qwrite(keyfile, 'plain2', vspec)
+    check(r.ok and l2_decrypts(hdr, key, p, off, read('plain2')),
+          what + ': QEMU writes, the independent decryption reads it', r)
+    check((sha256(h) if detached else head_sum(h, off)) == before,
+          what + ': the header is byte-identical: QEMU repaired nothing')
+
+
+HDR_SIZE = 16384          # cryptsetup's default metadata copy size
+JSON_BYTE = 4096 + 2      # a byte inside the JSON text of the primary copy
+for tag, detached in [('rec', True), ('reca', False)]:
+    l2_make(tag, detached)
+    l2_fill(*((tag + '.hdr', tag + '.raw') if detached else (tag + '.img',) * 2), 'plain1')
+for tag, base, desc, offset, warning, good in [
+        ('rec-pjson', 'rec', 'primary copy changed, its checksum not', JSON_BYTE,
+         ('primary', 'damaged (checksum mismatch)', 'secondary'), 'secondary'),
+        ('rec-pmagic', 'reca', 'primary magic zeroed', None,
+         ('primary', 'damaged (no LUKS2 magic)', 'secondary'), 'secondary'),
+        ('rec-sjson', 'rec', 'secondary copy changed, its checksum not', HDR_SIZE + JSON_BYTE,
+         ('secondary', 'damaged (checksum mismatch)', 'primary'), 'primary'),
+        ('rec-sjson-a', 'reca', 'secondary copy changed, its checksum not',
+         HDR_SIZE + JSON_BYTE, ('secondary', 'damaged (checksum mismatch)', 'primary'),
+         'primary')]:
+    detached = base == 'rec'
+    h, p = (tag + '.hdr', tag + '.raw') if detached else (tag + '.img',) * 2
+    for src, dst in ([('rec.hdr', h), ('rec.raw', p)] if detached else [('reca.img', h)]):
+        shutil.copy(src, dst)
+    if offset is None:
+        with open(h, 'r+b') as f:
+            f.write(bytes(6))
+    else:
+        flip(h, offset)
+    l2_recovers('LUKS2 %s, %s' % ('detached' if detached else 'attached', desc), h, p,
+                detached, warning, good, 'key1')
+
+# An outdated copy: the header as it was before cryptsetup luksAddKey,
+# one copy put back.  Only the newer copy has the added keyslot 1.
+shutil.copy('rec.hdr', 'old.hdr')
+r = cs('luksAddKey', *L2_PBKDF2, '--key-file', 'key1', 'rec.hdr', 'key2')
+check(r.ok, 'LUKS2: cryptsetup luksAddKey (the newer header)', r)
+old, new = read('old.hdr'), read('rec.hdr')
+seq_old, seq_new = luks2.Header('old.hdr').copy.seqid, luks2.Header('rec.hdr').copy.seqid
+check(seq_new > seq_old, 'LUKS2: the sequence id went from %d to %d' % (seq_old, seq_new))
+for name, copy, good in [('rec-pold', 'primary', 'secondary'),
+                         ('rec-sold', 'secondary', 'primary')]:
+    a, b = (0, HDR_SIZE) if copy == 'primary' else (HDR_SIZE, 2 * HDR_SIZE)
+    write(name + '.hdr', new[:a] + old[a:b] + new[b:])
+    shutil.copy('rec.raw', name + '.raw')
+    l2_recovers('LUKS2 detached, %s copy from before luksAddKey, opened with the added key'
+                % copy, name + '.hdr', name + '.raw', True,
+                (copy, 'outdated (sequence id %d against %d)' % (seq_old, seq_new), good),
+                good, 'key2')
+
+# --- LUKS2: refused, nothing written ----------------------------------------------
+L2_PATTERN = [0x10]
+
+
+def l2_refuses(desc, text, h, p, vspec=None, keyfile='key1'):
+    """qemu-io opening the volume read-write to write fails saying text,
+    header and payload byte-identical (three TAP lines).  Each write has
+    a byte pattern of its own, so that one that got through would change
+    the payload even after another had."""
+    if vspec is None:
+        vspec = spec(p, h) if h != p else spec(p)
+    L2_PATTERN[0] += 1
+    refuses('LUKS2 ' + desc, QIO + ['--object', secret(file=keyfile), '-c',
+                                    'write -P 0x%x 0 4k' % L2_PATTERN[0], vspec],
+            text, [h] if h == p else [h, p])
+
+
+def edited(name, base, edit):
+    """A copy of the header file base with edit(json) applied (set-json)."""
+    shutil.copy(base, name)
+    set_json(name, edit)
+    return name
+
+
+l2_make('rb', True)
+shutil.copy('rb.raw', 'rbctl.raw')
+psum = sha256('rbctl.raw')
+r = qemu_io('--object', secret(file='key1'), '-c', 'write -P 0x11 0 4k',
+            spec('rbctl.raw', 'rb.hdr'))
+check(r.ok and sha256('rbctl.raw') != psum, 'LUKS2 control: with the sound header the same '
+      "qemu-io write succeeds and changes the payload's checksum", r)
+
+l2_refuses('wrong passphrase', EXPECT['wrong-passphrase'], 'rb.hdr', 'rb.raw', keyfile='wrong')
+shutil.copy('rb.hdr', 'both.hdr')
+flip('both.hdr', JSON_BYTE)
+flip('both.hdr', HDR_SIZE + JSON_BYTE)
+check(l2_header('both.hdr') is None, 'LUKS2 both copies damaged: the independent parser '
+      'refuses the header too')
+l2_refuses('both copies damaged', EXPECT['l2-both'], 'both.hdr', 'rb.raw')
+
+# A reencryption started by cryptsetup and never run (--init-only), then
+# what is left of it when its marks are taken out one by one.
+l2_make('reenc', False)
+r = cs('reencrypt', '--init-only', *L2_PBKDF2, '--key-file', 'key1', 'reenc.img')
+check(r.ok and re.search(r'^Requirements:\s*online-reencrypt-v2\s*$',
+                         cs('luksDump', 'reenc.img').out, re.M),
+      'LUKS2: cryptsetup reencrypt --init-only; luksDump shows the requirement '
+      'online-reencrypt-v2', r)
+l2_refuses('reencryption initialized by cryptsetup',
+           EXPECT['l2-requirement'] % 'online-reencrypt-v2' + EXPECT['l2-reencrypt'],
+           'reenc.img', 'reenc.img')
+j = luks2.Header('reenc.img').json
+renc = [k for k, v in j['keyslots'].items() if v['type'] == 'reencrypt']
+check(len(renc) == 1 and len(j['segments']) == 3, 'LUKS2: the reencryption left one reencrypt '
+      'keyslot (%s) and 3 segments' % renc, json.dumps(j['keyslots']))
+renc = renc[0] if renc else '2'
+shutil.copy('reenc.img', 'reenc-k.img')
+set_json('reenc-k.img', lambda j: j['config'].pop('requirements', None))
+l2_refuses('reencryption, its requirement taken out (set-json)',
+           EXPECT['l2-reencrypt-keyslot'] % int(renc), 'reenc-k.img', 'reenc-k.img')
+
+
+def drop_reencrypt_keyslot(j):
+    j['config'].pop('requirements', None)
+    j['keyslots'].pop(renc, None)
+    for d in [k for k, v in j['digests'].items() if v['keyslots'] == [renc]]:
+        j['digests'].pop(d)
+
+
+shutil.copy('reenc.img', 'reenc-s.img')
+set_json('reenc-s.img', drop_reencrypt_keyslot)
+l2_refuses('reencryption, its requirement and keyslot taken out (set-json)',
+           EXPECT['l2-segments'] % 3, 'reenc-s.img', 'reenc-s.img')
+
+# cryptsetup can't format with integrity here (it needs dm-integrity): the
+# segment gets the integrity cryptsetup would record.
+f = edited('integ.hdr', 'rb.hdr', lambda j: j['segments']['0'].update(integrity={
+    'type': 'hmac(sha256)', 'journal_encryption': 'none', 'journal_integrity': 'none'}))
+r = cs('luksDump', f)
+check(r.ok and re.search(r'^\tintegrity: hmac\(sha256\)$', r.out, re.M),
+      'LUKS2 integrity (set-json): cryptsetup luksDump shows integrity hmac(sha256)', r)
+l2_refuses('segment with integrity (set-json)', EXPECT['l2-integrity'], f, 'rb.raw')
+for name, desc, text, edit in [
+        ('frob', 'an unknown mandatory requirement', EXPECT['l2-requirement'] % 'frobnicate',
+         lambda j: j['config'].update(requirements={'mandatory': ['frobnicate']})),
+        ('linear', 'a segment of type linear', EXPECT['l2-linear'],
+         lambda j: j['segments']['0'].update(type='linear')),
+        ('s8192', 'sector size 8192', EXPECT['l2-sector'] % 8192,
+         lambda j: j['segments']['0'].update(sector_size=8192)),
+        ('ignore', 'its only keyslot of priority ignore, the right passphrase',
+         EXPECT['l2-no-keyslot'], lambda j: j['keyslots']['0'].update(priority=0)),
+        # A 512-bit key takes two blocks of PBKDF2-SHA256: twice the iterations
+        ('iters', 'PBKDF2-sha256 iterations 4294967295 for a 512-bit key, over the KDF work '
+         'limit', EXPECT['l2-kdf-limit'] % ('keyslot 0', '4294967295 PBKDF2 iterations',
+                                            2 * 4294967295, 268435456),
+         lambda j: j['keyslots']['0']['kdf'].update(iterations=4294967295))]:
+    f = edited(name + '.hdr', 'rb.hdr', edit)
+    l2_refuses('%s (set-json)' % desc, text, f, 'rb.raw')
+
+# Argon2: the KDF work limit of the series, and the bounds of LUKS2.
+l2_make('rarg', True, ['--pbkdf', 'argon2id', *L2_ARGON2])
+# A pass of Argon2 over a KiB counts as 8 units of KDF work.
+argon2_limit = 'keyslot 0, Argon2id 4 passes over 32 KiB (1024 units), under a KDF work ' \
+               'limit of %d'
+l2_refuses(argon2_limit % 1000,
+           EXPECT['l2-kdf-limit'] % ('keyslot 0', 'Argon2 costs of 4 passes over 32 KiB', 1024,
+                                     1000), 'rarg.hdr', 'rarg.raw',
+           spec('rarg.raw', 'rarg.hdr', **{'__org.example_kdf-work-limit': 1000}))
+# The keyslot's 1024 units and the digest's 1000 PBKDF2 iterations: just enough.
+r = qemu_io('--object', secret(file='key1'), '-c', 'read 0 4k',
+            spec('rarg.raw', 'rarg.hdr', **{'__org.example_kdf-work-limit': 2024}))
+check(r.ok, 'LUKS2 ' + (argon2_limit % 2024).replace(', under', ' and the digest 1000, with') +
+      ': opens', r)
+for name, desc, text, edit, limit in [
+        ('amemlim', 'Argon2 memory 1048577 KiB, over the memory limit of 1 GiB',
+         EXPECT['l2-argon2-memory-limit'] % (1048577, 1048576),
+         lambda j: j['keyslots']['0']['kdf'].update(memory=1048577), None),
+        ('amem', 'Argon2 memory 4194305 KiB, the memory limit raised',
+         EXPECT['l2-argon2-memory'],
+         lambda j: j['keyslots']['0']['kdf'].update(memory=4194305), 8388608),
+        ('alanes', 'Argon2 parallelism 5', EXPECT['l2-argon2-lanes'],
+         lambda j: j['keyslots']['0']['kdf'].update(cpus=5), None)]:
+    f = edited(name + '.hdr', 'rarg.hdr', edit)
+    extra = {'__org.example_kdf-memory-limit': limit} if limit else {}
+    l2_refuses('%s (set-json)' % desc, text, f, 'rarg.raw',
+               spec('rarg.raw', f, **extra) if extra else None)
+
+# QEMU adds keys to cryptsetup's LUKS2 headers, and cryptsetup takes them
+# (PBKDF2, so that cryptsetup's check is quick); the payload is untouched.
+l2_make('ramend', False)
+shutil.copy('rb.hdr', 'rbam.hdr')
+shutil.copy('rb.raw', 'rbam.raw')
+for desc, h, p, vspec in [('attached', 'ramend.img', 'ramend.img', spec('ramend.img')),
+                          ('detached', 'rbam.hdr', 'rbam.raw', spec('rbam.raw', 'rbam.hdr')),
+                          ('detached header alone', 'rbam.hdr', 'rbam.raw', spec('rbam.hdr'))]:
+    def payload_sum():
+        return hashlib.sha256(read(p)[16 * MiB:] if h == p else read(p)).hexdigest()
+    psum = payload_sum()
+    r = run(QAMEND[:-1] + ['state=active,new-secret=sec1,kdf=pbkdf2,kdf-iterations=1000',
+                           vspec])
+    check(r.ok, 'LUKS2 %s: qemu-img amend adds a key to a cryptsetup header' % desc, r)
+    ok = (cs('open', '--test-passphrase', p, '--key-file', 'key2') if h == p
+          else testpass(h, p, 'key2')).ok
+    check(ok, 'LUKS2 %s: cryptsetup --test-passphrase accepts the key QEMU added' % desc)
+    check(payload_sum() == psum,
+          'LUKS2 %s: the amend left the payload byte-identical' % desc)
+    r = run(QAMEND[:-1] + ['state=inactive,old-secret=sec1', vspec])
+    check(r.ok and not (cs('open', '--test-passphrase', p, '--key-file', 'key2') if h == p
+                        else testpass(h, p, 'key2')).ok,
+          'LUKS2 %s: qemu-img amend erases it again, and cryptsetup refuses it then' % desc, r)
 
 tap.done()

@@ -20,6 +20,10 @@ Tests (arguments pick some by name):
   shared_header  one header node named by two luks nodes (raw and qcow2
                  payloads), on the command line and hotplugged; amend refused
                  while shared; blockdev-del of the header refused while used
+  luks2_header   a LUKS2 detached header made by cryptsetup, its plaintext
+                 written by tests/lib/luks2.py: the README's LUKS2 VM command
+                 line, then the same disk hotplugged over QMP and unplugged;
+                 what the guest wrote is decrypted by luks2.py
 
 Adding a test: write a function f(d) (d: its own directory) decorated with
 @guest_test(seconds).  make_detached() makes a payload, a header (with
@@ -46,10 +50,11 @@ import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lib'))
-from harness import (ENV, MiB, QEMU_SYSTEM, QSD, README_PATHS, TOP, check,  # noqa: E402
-                     missing_tools, monitor_commands, qemu_img, qemu_io, read, readme_block,
-                     remove, run, scratch, sha256, tap, text, vm_disk_options)
+from harness import (ENV, MiB, QEMU_SYSTEM, QSD, README_LUKS2_PATHS, README_PATHS,  # noqa: E402
+                     TOP, check, missing_tools, monitor_commands, qemu_img, qemu_io, read,
+                     readme_block, remove, run, scratch, sha256, tap, text, vm_disk_options)
 import harness  # noqa: E402
+import luks2  # noqa: E402
 
 try:
     harness.python_qemu()
@@ -337,9 +342,14 @@ def wrong_secret(steps):
     return steps[5].replace(json.loads(steps[0])['arguments']['id'], 'libvirt-2-format-secret')
 
 
-def fill(text, header, payload):
+def readme_luks2_vm():
+    """The -object, -blockdev and -device options of the README's LUKS2 VM."""
+    return vm_disk_options(readme_block('guest-e2e', 'luks2_header'))
+
+
+def fill(text, header, payload, paths=README_PATHS):
     """The README's text with the paths filled in."""
-    for path, mine in zip(README_PATHS, (header, payload)):
+    for path, mine in zip(paths, (header, payload)):
         text = text.replace(path, json.dumps(mine)[1:-1])
     return text
 
@@ -1024,6 +1034,150 @@ def shared_hotplug(d):
     r = qemu_img('check', pb)
     check(r.ok and 'No errors were found' in r.out,
           '%s: qemu-img check on the qcow2 payload is clean' % what, r)
+
+
+# --- LUKS2 ----------------------------------------------------------------------
+L2_W_OFF, L2_W_LEN = 16 * MiB, MiB     # where the guest writes
+
+
+def make_luks2(d, name, what, plain):
+    """A raw payload of 64 MiB and a LUKS2 detached header for it made by
+    cryptsetup (4096-byte sectors, Argon2id with small costs); plain is
+    written into the payload by tests/lib/luks2.py's own encryption, keyed
+    by its own unlock.  (header, payload, luks2.Header, volume key), or
+    None."""
+    h = os.path.join(d, name + '-header.img')
+    p = os.path.join(d, name + '-payload.raw')
+    with open(p, 'wb') as f:
+        f.truncate(DISK)
+    r = run(['cryptsetup', '--batch-mode', 'luksFormat', '--type', 'luks2', '--pbkdf', 'argon2id',
+             '--pbkdf-memory', '32', '--pbkdf-force-iterations', '4', '--sector-size', '4096',
+             '--key-file', '-', '--header', h, p], stdin=PASS.encode())
+    hdr = key = ss = None
+    if r.ok:
+        try:
+            hdr = luks2.Header(h)
+            key = luks2.unlock(hdr, PASS.encode())[1]
+            ss = hdr.segment()['sector_size']
+            with open(p, 'r+b') as f:
+                for off, data in [(0, plain.random),
+                                  (plain.PAT_OFF, bytes([plain.pattern]) * plain.PAT_LEN)]:
+                    f.seek(off)
+                    f.write(luks2.payload_crypt(hdr, key, data, off // ss, True))
+        except (luks2.LUKS2Error, OSError, KeyError) as e:
+            r.out += '\nluks2.py: %s' % e
+            key = None
+    if check(r.ok and key and ss == 4096, '%s: cryptsetup luksFormat --type luks2 --header '
+             '(Argon2id, 4096-byte sectors); the plaintext written into the raw payload by '
+             "luks2.py's own encryption" % what, r):
+        return h, p, hdr, key
+    return None
+
+
+def luks2_decrypts(p, hdr, key, off, want):
+    """Whether luks2.py decrypts the payload at off to the bytes want."""
+    with open(p, 'rb') as f:
+        f.seek(off)
+        data = f.read(len(want))
+    ss = hdr.segment()['sector_size']
+    return luks2.payload_crypt(hdr, key, data, off // ss, False) == want
+
+
+def luks2_after(what, h, p, hdr, key, plain, byte):
+    """What a guest wrote (byte at L2_W_OFF) and the plaintext, as luks2.py
+    decrypts them; cryptsetup still accepts the passphrase."""
+    check(luks2_decrypts(p, hdr, key, L2_W_OFF, bytes([byte]) * L2_W_LEN) and
+          luks2_decrypts(p, hdr, key, 0, plain.random),
+          "%s: luks2.py decrypts the guest's 0x%x pattern and the plaintext from the payload"
+          % (what, byte))
+    r = run(['cryptsetup', 'open', '--test-passphrase', '--header', h, p, '--key-file', '-'],
+            stdin=PASS.encode())
+    check(r.ok, what + ': cryptsetup open --test-passphrase still accepts the passphrase', r)
+    # cryptsetup's own decryption, in user space, of copies
+    hc, pc = h + '.cs', p + '.cs'
+    shutil.copy(h, hc)
+    shutil.copy(p, pc)
+    r = run(['cryptsetup', '--batch-mode', 'reencrypt', '--decrypt', '--force-offline-reencrypt',
+             '--header', hc, pc, '--key-file', '-'], stdin=PASS.encode(), timeout=120)
+    data = read(pc) if r.ok else b''
+    check(r.ok and data[:MiB] == plain.random and
+          data[L2_W_OFF:L2_W_OFF + L2_W_LEN] == bytes([byte]) * L2_W_LEN,
+          "%s: cryptsetup's own decryption (reencrypt --decrypt) reads the plaintext and "
+          "the guest's 0x%x pattern too" % (what, byte), r)
+    remove(pc)
+
+
+@guest_test(150)
+def luks2_header(d):
+    """A cryptsetup LUKS2 detached header: the README's command line, then hotplugged."""
+    luks2_cmdline(d)
+    luks2_hotplug(d)
+
+
+def luks2_cmdline(d):
+    """The README's LUKS2 VM command line."""
+    what = 'LUKS2 README command line'
+    plain = Plain(d, 't9', 0x5a)
+    made = make_luks2(d, 't9', what, plain)
+    if not made:
+        return
+    h, p, hdr, key = made
+    args = [x for opt, value in readme_luks2_vm()
+            for x in (opt, fill(value, h, p, README_LUKS2_PATHS))]
+    boot_read_write(d, 't9', what, plain, h, p, args, qcow2=False)
+    luks2_after(what, h, p, hdr, key, plain, 0x5c)
+
+
+def luks2_hotplug(d):
+    """The same disk added over QMP, read, written, removed."""
+    what = 'LUKS2 hotplug'
+    plain = Plain(d, 't9h', 0xa7)
+    made = make_luks2(d, 't9h', what, plain)
+    if not made:
+        return
+    h, p, hdr, key = made
+    hsum = sha256(h)
+    g = Guest(d, 't9h', ['list', 'wait:vda:50'] + plain.reads('vda') +
+              ['write:vda:%d:%d:0x3c' % (L2_W_OFF, L2_W_LEN), 'gone:vda:50', 'list', 'sleep:60'])
+    check(g.wait(r'disks\s*') and status(g) == 'running',
+          what + ': the guest boots with no disk', g.tail())
+    nodes0 = node_names(g)
+    # The README's options, as QMP commands
+    opts = [(o, json.loads(fill(v, h, p, README_LUKS2_PATHS))) for o, v in readme_luks2_vm()]
+    cmd = {'-object': 'object-add', '-blockdev': 'blockdev-add', '-device': 'device_add'}
+    for o, a in opts:
+        ok_return(g.qmp(cmd[o], **a), '%s: %s %s' % (what, cmd[o], a.get('node-name') or a['id']))
+    luks_node = [a for o, a in opts if a.get('driver') == 'luks'][0]['node-name']
+    dev = [a for o, a in opts if o == '-device'][0]['id']
+    info = [x['image'] for x in g.qmp('query-named-block-nodes').get('return', [])
+            if x['node-name'] == luks_node]
+    data = info[0].get('format-specific', {}).get('data', {}) if info else {}
+    seg = data.get('__org.example_luks2', {}).get('segment', {})
+    check(info and info[0]['virtual-size'] == DISK and data.get('detached-header') is True and
+          seg.get('sector-size') == 4096 and seg.get('offset') == 0,
+          what + ': query-named-block-nodes shows the luks node: 64 MiB, detached-header true, '
+          'a LUKS2 segment at offset 0 with 4096-byte sectors', json.dumps(info))
+    check(g.wait(r'appeared vda'), what + ': the guest sees the new disk', g.tail())
+    guest_reads(g, 'vda', what, plain)
+    check(g.wait(r'wrote vda %d %d 0x3c' % (L2_W_OFF, L2_W_LEN)),
+          what + ': the guest writes a 0x3c pattern', g.tail())
+    ok_return(g.qmp('device_del', id=dev), what + ': device_del ' + dev)
+    check(g.event('DEVICE_DELETED', 30, device=dev),
+          what + ': DEVICE_DELETED for ' + dev, json.dumps(g.vm.get_qmp_events()))
+    check(g.wait(r'gone vda'), what + ': the disk is gone from the guest', g.tail())
+    for o, a in reversed(opts):
+        if o == '-blockdev':
+            ok_return(g.qmp('blockdev-del', **{'node-name': a['node-name']}),
+                      what + ': blockdev-del ' + a['node-name'])
+        elif o == '-object':
+            ok_return(g.qmp('object-del', id=a['id']), what + ': object-del ' + a['id'])
+    check(node_names(g) == nodes0, what + ': no block node left', 'nodes: %s' % node_names(g))
+    r = g.qmp('quit')
+    check('return' in r and g.exited(20) is not None, what + ': the VM quits when asked',
+          json.dumps(r))
+    check(sha256(h) == hsum, what + ': the header file is unchanged')
+    no_plaintext(p, what + ': the payload', [plain])
+    luks2_after(what, h, p, hdr, key, plain, 0x3c)
 
 
 # --- main -----------------------------------------------------------------------

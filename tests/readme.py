@@ -16,8 +16,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lib'))
-from harness import (OBJ, README_PATHS, TOP, check, missing_tools,  # noqa: E402
-                     monitor_commands, readme_blocks, run, scratch, tap, vm_disk_options)
+from harness import (OBJ, README_LUKS2_PATHS, README_PATHS, TOP, check,  # noqa: E402
+                     missing_tools, monitor_commands, readme_blocks, run, scratch, tap,
+                     vm_disk_options)
 
 gone = missing_tools([os.path.join(OBJ, x) for x in ('qemu-img', 'qemu-io')])
 if gone:
@@ -57,15 +58,16 @@ for line, mark, text in blocks:
                   % (what, tests, len(cmds)), text)
         else:
             opts = vm_disk_options(text)
+            paths = README_LUKS2_PATHS if README_LUKS2_PATHS[0] in text else README_PATHS
             try:
                 names = [o for o, _ in opts]
                 ok = (names == ['-object'] + ['-blockdev'] * 5 + ['-device'] and
                       all(json.loads(v) for _, v in opts) and
-                      all(p in text for p in README_PATHS))
+                      all(p in text for p in paths))
             except ValueError:
                 ok = False
             check(ok, '%s: needs a guest, run by tests/guest-e2e.py (%s); its options parse: '
-                  '-object, 5 -blockdev, -device, on %s' % (what, tests, ' and '.join(README_PATHS)),
+                  '-object, 5 -blockdev, -device, on %s' % (what, tests, ' and '.join(paths)),
                   text)
     else:
         check(False, '%s: a known readme-test marker (not "%s")' % (what, mark))

@@ -357,8 +357,11 @@ class QemuIoShell:
 # --- the README's command blocks ----------------------------------------------
 README = os.path.join(TOP, 'README.md')
 README_MARK = re.compile(r'<!--\s*readme-test:\s*(.*?)\s*-->')
-# The paths the README's VM and hotplug blocks stand for.
+# The paths the README's VM and hotplug blocks stand for: the header and
+# the payload that qemu-img made, and those of its LUKS2 section
+# (cryptsetup's header, a raw payload).
 README_PATHS = ('/path/to/test-header.img', '/path/to/test-payload.qcow2')
+README_LUKS2_PATHS = ('/path/to/luks2-header.img', '/path/to/luks2-payload.raw')
 
 
 def readme_blocks(path=README):

@@ -10,7 +10,9 @@
 # the LUKS1 anti-forensic merge, keyslot area decryption, digest
 # check), and encrypts or decrypts payload sectors as dm-crypt does
 # (aes-xts-plain64, aes-cbc-essiv:sha256, aes-cbc-plain64; 512 to 4096-
-# byte sectors, IVs in 512-byte units plus iv_tweak).
+# byte sectors, IVs in 512-byte units from the start of the segment; the
+# segment's iv_tweak plays no part, as 'cryptsetup open' maps a single
+# segment with an IV offset of 0 whatever iv_tweak says).
 #
 # Needs python3-cryptography, and python3-argon2 for Argon2 keyslots.
 #
@@ -316,7 +318,8 @@ def payload_crypt(hdr, key, data, first_sector, encrypt):
     ss = seg['sector_size']
     sc = SectorCipher(seg['encryption'], key)
     step = ss // SECTOR     # dm-crypt counts IVs in 512-byte units
-    first_iv = int(seg['iv_tweak']) + first_sector * step
+    # cryptsetup maps one segment with IV offset 0: iv_tweak is ignored
+    first_iv = first_sector * step
     return sc.run(data, ss, first_iv, step, encrypt)
 
 
