@@ -11,7 +11,8 @@ scripts/build-fuzz builds it in build/fuzz (libFuzzer, ASan, UBSan).
      tests/fuzz/regressions/ holds the reproducers of past findings:
      they must no longer crash.
   2. Each mode is fuzzed for a fixed time (QEMU_LUKS_FUZZ_SECONDS, 90 s by
-     default) from that corpus and the dictionary tests/fuzz/luks.dict.
+     default) from that corpus and the dictionary tests/fuzz/luks.dict,
+     with a random seed (QEMU_LUKS_FUZZ_SEED sets it).
      A crash, a leak, a timeout or running out of memory fails the test;
      libFuzzer's reproducer is kept in build/fuzz-crashes/, named after
      the mode.  The executions and the edge coverage of the LUKS1 and
@@ -136,8 +137,10 @@ def fuzz(mode, corpus_dirs, max_len):
             '-max_total_time=%d' % SECONDS, '-max_len=%d' % max_len,
             '-timeout=10', '-rss_limit_mb=2048',
             '-malloc_limit_mb=1024', '-close_fd_mask=2', '-print_final_stats=1',
-            '-print_coverage=1', '-artifact_prefix=%s/%s-' % (CRASHES, mode),
-            work] + corpus_dirs
+            '-print_coverage=1', '-artifact_prefix=%s/%s-' % (CRASHES, mode)]
+    if os.environ.get('QEMU_LUKS_FUZZ_SEED'):
+        args.append('-seed=' + os.environ['QEMU_LUKS_FUZZ_SEED'])
+    args += [work] + corpus_dirs
     t0 = time.time()
     r = run(args, timeout=SECONDS + 300, env=ENV)
     secs = time.time() - t0
@@ -153,9 +156,12 @@ def fuzz(mode, corpus_dirs, max_len):
         summary += ', cov %s, ft %s, corpus %s' % done[-1]
     why = ''
     if r.rc != 0 or found:
+        seed = re.search(r'^INFO: Seed: (\d+)', r.out, re.M)
         why = sanitizer_report(r.out) + '\nreproducers: %s\nrun one with: %s --mode=%s FILE' % (
             ', '.join(os.path.join(CRASHES, f) for f in found) or 'none written',
             TARGET, mode)
+        why += '\nlibFuzzer seed %s (QEMU_LUKS_FUZZ_SEED=%s starts a run from it again)' % (
+            (seed.group(1),) * 2 if seed else ('?', '?'))
     check(r.rc == 0 and not found and execs,
           'fuzz %s for %d s: no finding; %s' % (mode, SECONDS, summary), why)
     for f, (covered, total, funcs, all_funcs, reached) in coverage(r.out).items():
