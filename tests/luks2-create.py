@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import struct
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lib'))
@@ -434,6 +435,92 @@ def test_refusals():
             'Refusing to overwrite active keyslot 0', ['r.img'])
 
 
+def test_newer_copy_refused():
+    """A newer copy that only QEMU refuses is never overwritten by an
+    amend with the older copy's metadata: cryptsetup may use it"""
+    if not CRYPTSETUP:
+        skip('a newer copy refused by QEMU', 'cryptsetup is missing')
+        return
+    vol = 'newer.img'
+    with open(vol, 'wb') as f:
+        f.truncate(4 * MiB)
+    r = run([CRYPTSETUP, 'luksFormat', '--type', 'luks2', '--batch-mode',
+             '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000',
+             '--luks2-metadata-size', '16k', '--luks2-keyslots-size', '1m',
+             '--key-file', 'key1', vol])
+    check(r.ok, 'newer copy: cryptsetup formats the volume', r)
+    hdr_size = 16 * KiB
+    with open(vol, 'rb') as f:
+        older = f.read(hdr_size)        # keyslot 0 only
+    r = run([CRYPTSETUP, 'luksAddKey', '--batch-mode', '--pbkdf', 'pbkdf2',
+             '--pbkdf-force-iterations', '1000', '--key-file', 'key1', vol,
+             'key2'])
+    check(r.ok, 'newer copy: cryptsetup adds keyslot 1', r)
+    with open(vol, 'rb') as f:
+        newer = f.read(2 * hdr_size)[hdr_size:]
+    # The newer copy holds what cryptsetup reads with strtoull() and
+    # QEMU, reading a decimal number, refuses
+    meta = json.loads(newer[luks2.BIN_SIZE:].rstrip(b'\0'))
+    meta['config']['keyslots_size'] = ' ' + meta['config']['keyslots_size']
+    with open(vol, 'r+b') as f:
+        f.write(older)
+        f.write(luks2.build_copy(newer, meta, hdr_size, True))
+    shutil.copy(vol, 'newer-copy.img')
+    r = run([CRYPTSETUP, 'open', '--test-passphrase', '--key-file', 'key2',
+             'newer-copy.img'])
+    check(r.ok, 'newer copy: cryptsetup opens keyslot 1 of the newer copy',
+          r)
+    refuses('newer copy: an amend',
+            [QEMU_IMG, 'amend', *objects(), '-o',
+             f"state=active,new-secret=sec2,{FAST['pbkdf2']}",
+             'json:' + json.dumps({'driver': 'luks', 'key-secret': 'sec0',
+                                   'file': {'filename': vol}})],
+            'Cannot amend the LUKS2 volume: its secondary copy, of sequence '
+            'id', [vol])
+    r = run([CRYPTSETUP, 'open', '--test-passphrase', '--key-file', 'key2',
+             vol])
+    check(r.ok, 'newer copy: after the refused amend cryptsetup still '
+          'opens keyslot 1', r)
+
+
+def test_token_bytes_kept():
+    """A token that cryptsetup imports with a byte that is not UTF-8, and
+    with a duplicate key, comes out of a QEMU amend as cryptsetup reads
+    it"""
+    if not CRYPTSETUP:
+        skip('a token with a Latin-1 byte', 'cryptsetup is missing')
+        return
+    vol = 'latin1.img'
+    with open(vol, 'wb') as f:
+        f.truncate(4 * MiB)
+    r = run([CRYPTSETUP, 'luksFormat', '--type', 'luks2', '--batch-mode',
+             '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '1000',
+             '--key-file', 'key1', vol])
+    check(r.ok, 'Latin-1 token: cryptsetup formats the volume', r)
+    write('token.json', b'{"type":"x-test","keyslots":[],"text":"caf\xe9",'
+          b'"k":"first","k":"second"}')
+    r = run([CRYPTSETUP, 'token', 'import', '--token-id', '0',
+             '--json-file', 'token.json', vol])
+    check(r.ok, 'Latin-1 token: cryptsetup imports it', r)
+    export = [CRYPTSETUP, 'token', 'export', '--token-id', '0', vol]
+    # The bytes as they are (run() decodes the output)
+    before = subprocess.run(export, stdout=subprocess.PIPE, check=False)
+    r = amend({'payload': vol, 'header': None},
+              f"state=active,new-secret=sec1,{FAST['pbkdf2']}")
+    check(r.ok, 'Latin-1 token: QEMU adds a keyslot', r)
+    after = subprocess.run(export, stdout=subprocess.PIPE, check=False)
+    # Members keep their values byte for byte, not their order
+    check(b'"caf\xe9"' in before.stdout and b'"k":"second"' in before.stdout
+          and json.loads(after.stdout.decode('latin-1')) ==
+          json.loads(before.stdout.decode('latin-1')),
+          'Latin-1 token: cryptsetup exports the same members, byte for '
+          'byte, after the amend',
+          f'before: {before.stdout!r}\nafter: {after.stdout!r}')
+    r = run([CRYPTSETUP, 'open', '--test-passphrase', '--key-file', 'key2',
+             vol])
+    check(r.ok, 'Latin-1 token: cryptsetup opens the keyslot QEMU added', r)
+
+
 def test_measure():
     r = qemu_img('measure', '-O', 'luks', '-o', 'version=2', '--size', '64M')
     check(r.ok and 'required size: %d' % (80 * MiB) in r.out,
@@ -457,6 +544,8 @@ def main():
     test_failures()
     test_unknown_metadata()
     test_refusals()
+    test_newer_copy_refused()
+    test_token_bytes_kept()
     test_measure()
     tap.done()
 
