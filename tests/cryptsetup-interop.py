@@ -1108,17 +1108,17 @@ for name, desc, text, edit in [
 
 # Argon2: the KDF work limit of the series, and the bounds of LUKS2.
 l2_make('rarg', True, ['--pbkdf', 'argon2id', *L2_ARGON2])
-# A pass of Argon2 over a KiB counts as 8 units of KDF work.
-argon2_limit = 'keyslot 0, Argon2id 4 passes over 32 KiB (1024 units), under a KDF work ' \
+# A pass of Argon2 over a KiB counts as 10 units of KDF work, each KiB 8 more.
+argon2_limit = 'keyslot 0, Argon2id 4 passes over 32 KiB (1536 units), under a KDF work ' \
                'limit of %d'
 l2_refuses(argon2_limit % 1000,
-           EXPECT['l2-kdf-limit'] % ('keyslot 0', 'Argon2 costs of 4 passes over 32 KiB', 1024,
+           EXPECT['l2-kdf-limit'] % ('keyslot 0', 'Argon2 costs of 4 passes over 32 KiB', 1536,
                                      1000), 'rarg.hdr', 'rarg.raw',
            spec('rarg.raw', 'rarg.hdr', **{'__org.example_kdf-work-limit': 1000}))
-# The keyslot's 1024 units and the digest's 1000 PBKDF2 iterations: just enough.
+# The keyslot's 1536 units and the digest's 1000 PBKDF2 iterations: just enough.
 r = qemu_io('--object', secret(file='key1'), '-c', 'read 0 4k',
-            spec('rarg.raw', 'rarg.hdr', **{'__org.example_kdf-work-limit': 2024}))
-check(r.ok, 'LUKS2 ' + (argon2_limit % 2024).replace(', under', ' and the digest 1000, with') +
+            spec('rarg.raw', 'rarg.hdr', **{'__org.example_kdf-work-limit': 2536}))
+check(r.ok, 'LUKS2 ' + (argon2_limit % 2536).replace(', under', ' and the digest 1000, with') +
       ': opens', r)
 for name, desc, text, edit, limit in [
         ('amemlim', 'Argon2 memory 1048577 KiB, over the memory limit of 1 GiB',
