@@ -8,8 +8,9 @@ scripts/build-fuzz builds it in build/fuzz (libFuzzer, ASan, UBSan).
      setup): no input crashes, every seed of tests/fuzz/seeds/ opens, and
      unlocks in the unlock mode, so that the seeds keep leading the
      fuzzer deep (those named refused-* must be refused instead).
-     tests/fuzz/regressions/ holds the reproducers of past findings:
-     they must no longer crash.
+     tests/fuzz/regressions/ holds the reproducers of past findings,
+     made by tests/fuzz/make-seeds.py, which the same checks apply to
+     (refused-unlock-* must open in the no-io mode, and not unlock).
   2. Each mode is fuzzed for a fixed time (QEMU_LUKS_FUZZ_SECONDS, 90 s by
      default) from that corpus and the dictionary tests/fuzz/luks.dict,
      with a random seed (QEMU_LUKS_FUZZ_SEED sets it).
@@ -83,25 +84,25 @@ def sanitizer_report(out):
     return '\n'.join(lines[-30:])
 
 
-def replay(mode, path, seed):
-    """Run one corpus file in a mode: no crash; a seed must open, and
-    unlock in the unlock mode, unless its name says QEMU refuses it"""
+def replay(mode, path, kind):
+    """Run one corpus file (a seed or a regression, says kind) in a mode:
+    no crash; it must open, and unlock in the unlock mode, unless its name
+    says QEMU refuses it"""
     name = os.path.basename(path)
     r = run([TARGET, '--mode=' + mode, '--verbose', '-timeout=30', path], timeout=120, env=ENV)
     crashed = r.rc != 0
     outcome = re.search(r'^(info: opened( and unlocked)?|not opened: .*)$', r.out, re.M)
-    if not seed:
-        check(not crashed, 'replay %s (%s): no crash' % (name, mode),
-              sanitizer_report(r.out) if crashed else '')
-        return
-    if name.startswith('refused-'):
+    if name.startswith('refused-unlock-') and mode == 'no-io':
+        want = 'opened'
+        ok = outcome and outcome.group(0) == 'info: opened'
+    elif name.startswith('refused-'):
         want = 'refused'
         ok = outcome and outcome.group(0).startswith('not opened: ')
     else:
         want = 'opened and unlocked' if mode == 'unlock' else 'opened'
         ok = outcome and outcome.group(0) == 'info: ' + want
     why = sanitizer_report(r.out) if crashed else outcome.group(0) if outcome else r.out
-    check(not crashed and ok, 'replay seed %s (%s): %s, no crash' % (name, mode, want), why)
+    check(not crashed and ok, 'replay %s %s (%s): %s, no crash' % (kind, name, mode, want), why)
 
 
 def coverage(out):
@@ -177,11 +178,12 @@ def main():
     seeds_dir, seeds = unpack('seeds')
     regressions_dir, regressions = unpack('regressions')
     check(seeds, 'the seed corpus is there (%d seeds)' % len(seeds))
+    check(regressions, 'the regressions are there (%d)' % len(regressions))
     for mode in MODES:
         for path in seeds:
-            replay(mode, path, True)
+            replay(mode, path, 'seed')
         for path in regressions:
-            replay(mode, path, False)
+            replay(mode, path, 'regression')
     # libFuzzer would cut inputs to 1 MiB, less than a LUKS1 header with
     # 256-bit keys takes
     max_len = max(os.path.getsize(p) for p in seeds + regressions)

@@ -797,15 +797,21 @@ def libvirt(d):
                   % (what, i, step_name(t)), r)
         check(g.wait(r'appeared vda'), what + ': the guest sees the hotplugged disk', g.tail())
         guest_reads(g, 'vda', what, plain)
-        end, r = time.time() + 30, None
+        # The guest powers off by itself.  libvirt passes through "in
+        # shutdown" between QEMU's SHUTDOWN event and the process's exit, so
+        # wait for "shut off", keeping every state seen for the report.
+        end, r, seen = time.time() + 30, None, []
         while time.time() < end:
             r = virsh('domstate', '--reason', DOMAIN)
-            if not r.ok or 'running' not in r.out:
+            state = r.out.strip()
+            if not seen or seen[-1] != state:
+                seen.append(state)
+            if not r.ok or state.startswith('shut off'):
                 break
             time.sleep(0.5)
         check(r.ok and r.out.strip() == 'shut off (shutdown)',
               what + ': when the guest powers off, virsh domstate --reason says '
-              '"shut off (shutdown)"', r)
+              '"shut off (shutdown)"', 'states seen: %s\n%s' % (' -> '.join(seen), r))
         check(daemon.poll() is None and virsh('list', '--all').ok,
               what + ': and the daemon is still running and answering',
               'libvirtd exit status %s\n%s' % (daemon.poll(), text(log)))

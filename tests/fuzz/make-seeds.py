@@ -1,5 +1,6 @@
 #!/usr/bin/python3
-"""Make the seed corpus of the LUKS header fuzz target, tests/fuzz/seeds/.
+"""Make the seed corpus of the LUKS header fuzz target, tests/fuzz/seeds/,
+and the reproducers of past findings, tests/fuzz/regressions/.
 
 Not part of the test command: the seeds are checked in, and making them
 anew changes every salt and key.  Run it after a change to the target's
@@ -20,6 +21,13 @@ but the check that it is there), so that the seeds compress to the size
 of their active key material; so is the part of a LUKS2 keyslots area
 that no keyslot of type luks2 uses.  Every seed is checked to unlock with
 cryptsetup before it is written.
+
+The regressions are made the same way, and most then get their JSON
+metadata edited (both copies, with valid checksums) into the header of a
+finding; "refused-unlock-" in a name means opened in the target's no-io
+mode and refused in its unlock mode.  The seeds and regressions don't
+depend on one another: "tests/fuzz/make-seeds.py $(cd
+tests/fuzz/regressions; ls | sed 's/\\.xz$//')" writes only the latter.
 """
 
 import json
@@ -33,9 +41,11 @@ import tempfile
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 'lib'))
 from harness import QEMU_IMG  # noqa: E402
+import luks2  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEEDS = os.path.join(HERE, 'seeds')
+REGRESSIONS = os.path.join(HERE, 'regressions')
 
 # Must match tests/fuzz/fuzz-crypto-luks.c of the series
 PASSPHRASE = b'luks-fuzz-passphrase'
@@ -88,9 +98,9 @@ def luks2_keyslots_end(data):
     return end
 
 
-def save(name, flags, path, luks1, header=None, damage=None):
+def save(name, flags, path, luks1, header=None, damage=None, where=SEEDS):
     """Check that path unlocks, cut it, apply damage() to its bytes, and
-    write it as a seed"""
+    write it as a seed (in where)"""
     cryptsetup('luksOpen', '--test-passphrase', path, *(['--header', header] if header else []))
     with open(header or path, 'rb') as f:
         data = bytearray(f.read())
@@ -101,10 +111,10 @@ def save(name, flags, path, luks1, header=None, damage=None):
         return
     assert len(data) >= end, name
     seed = bytes([flags]) + bytes(data[:end])
-    with open(os.path.join(SEEDS, name + '.xz'), 'wb') as f:
+    out = os.path.join(where, name + '.xz')
+    with open(out, 'wb') as f:
         f.write(lzma.compress(seed, preset=9 | lzma.PRESET_EXTREME))
-    print('%-34s %8d bytes, %7d compressed' % (name, len(seed),
-                                              os.path.getsize(os.path.join(SEEDS, name + '.xz'))))
+    print('%-40s %8d bytes, %7d compressed' % (name, len(seed), os.path.getsize(out)))
 
 
 def volume(path, size='4M'):
@@ -215,12 +225,103 @@ def cryptsetup_luks2(tmp):
     save('refused-cryptsetup-luks2-reencryption', LUKS2, v, False)
 
 
+def edit_json(edit):
+    """A damage() that rewrites the JSON text of both copies of a LUKS2
+    header with edit(text), as bytes that need not be JSON, and gives
+    both copies a valid checksum again"""
+    def damage(data):
+        hdr_size = struct.unpack_from('>Q', data, 8)[0]
+        text = edit(bytes(data[4096:hdr_size]).split(b'\0')[0])
+        assert len(text) < hdr_size - 4096
+        for offset in (0, hdr_size):
+            data[offset + 4096:offset + hdr_size] = text + bytes(hdr_size - 4096 - len(text))
+            raw = bytes(data[offset:offset + hdr_size])
+            csum = luks2.checksum(raw, raw[72:104].split(b'\0')[0].decode())
+            data[offset + 448:offset + 448 + 64] = csum + bytes(64 - len(csum))
+    return damage
+
+
+def add_token(token):
+    """edit_json(): a token with the JSON text token (bytes)"""
+    return edit_json(lambda text: text.replace(b'"tokens":{}', b'"tokens":{"0":%s}' % token))
+
+
+def edit_metadata(edit):
+    """edit_json(): edit(metadata) changes the parsed metadata in place"""
+    def change(text):
+        meta = json.loads(text)
+        edit(meta)
+        return json.dumps(meta, separators=(',', ':')).encode()
+    return edit_json(change)
+
+
+def regressions(tmp):
+    """The reproducers of past findings, in tests/fuzz/regressions/: the
+    checks apply as to seeds (those named refused-* must be refused, in
+    both modes; refused-unlock-* open in no-io mode and must not unlock)"""
+    v = volume(os.path.join(tmp, 'reg.img'))
+    luks2_format(v, '--cipher', 'aes-cbc-essiv:sha256', '--key-size', '128', '--hash', 'sha256',
+                 '--sector-size', '512', '--luks2-keyslots-size', '64k', *PBKDF2)
+
+    def no_key_material(data):
+        """What refuses a header is in its metadata: its key material,
+        which doesn't compress, can go"""
+        hdr_size = struct.unpack_from('>Q', data, 8)[0]
+        data[2 * hdr_size:] = bytes(len(data) - 2 * hdr_size)
+
+    def reg(name, damage):
+        def both(data):
+            damage(data)
+            if name.startswith('refused-'):
+                no_key_material(data)
+        save(name, LUKS2, v, False, damage=both, where=REGRESSIONS)
+
+    # LUKS2 metadata are RFC 8259 JSON: QEMU's single-quoted strings are
+    # refused (they once hid a JSON bomb from the bound of the metadata)
+    reg('refused-json-single-quotes',
+        add_token(b"""{'type':'qemu-fuzz','keyslots':[],'x"':[[[1]]]}"""))
+    # Nesting: json-c, and so cryptsetup, reads values 32 levels deep and
+    # no deeper, the scalar in the innermost container being a level: 31
+    # containers (the root object, tokens, the token, 28 arrays) open,
+    # 32 don't
+    reg('json-nesting-31-containers',
+        add_token(b'{"type":"qemu-fuzz","keyslots":[],"n":%s1%s}' % (b'[' * 28, b']' * 28)))
+    reg('refused-json-nesting-32-containers',
+        add_token(b'{"type":"qemu-fuzz","keyslots":[],"n":%s1%s}' % (b'[' * 29, b']' * 29)))
+    # cryptsetup opens headers with bytes that aren't UTF-8 in strings and
+    # with duplicate keys (the last one counts)
+    reg('latin1-token', add_token(b'{"type":"qemu-fuzz","keyslots":[],"note":"caf\xe9"}'))
+    reg('duplicate-key-token', add_token(b'{"type":"qemu-fuzz","keyslots":[],'
+                                         b'"type":"qemu-fuzz-2"}'))
+
+    # A keyslot bound to no digest, or to two
+    def unbind(meta):
+        meta['digests']['0']['keyslots'] = []
+    reg('refused-keyslot-no-digest', edit_metadata(unbind))
+
+    def bind_twice(meta):
+        meta['digests']['1'] = dict(meta['digests']['0'])
+    reg('refused-keyslot-two-digests', edit_metadata(bind_twice))
+
+    # PBKDF2 work is weighed by the hash: 2000 iterations of RIPEMD-160
+    # are within the target's bound of 8192 units counted as SHA-256's,
+    # and five times over it as they really cost.  (With its key
+    # material: counted as SHA-256's, it unlocks.)
+    v = volume(os.path.join(tmp, 'reg-ripemd160.img'))
+    luks2_format(v, '--cipher', 'aes-cbc-essiv:sha256', '--key-size', '128', '--hash',
+                 'ripemd160', '--sector-size', '512', '--luks2-keyslots-size', '64k',
+                 '--pbkdf', 'pbkdf2', '--pbkdf-force-iterations', '2000')
+    save('refused-unlock-pbkdf2-ripemd160', LUKS2, v, False, where=REGRESSIONS)
+
+
 def main():
     os.makedirs(SEEDS, exist_ok=True)
+    os.makedirs(REGRESSIONS, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         qemu_luks1(tmp)
         cryptsetup_luks1(tmp)
         cryptsetup_luks2(tmp)
+        regressions(tmp)
 
 
 if __name__ == '__main__':
