@@ -68,13 +68,13 @@ EXPECT = {
     'l2-sector': 'LUKS2 segment 0 has sector size %d, but only 512, 1024, 2048 and 4096 are '
                  'supported',
     'l2-kdf-limit': "LUKS2 %s, with %s, needs %d units of KDF work, more than the limit of %d "
-                    "for unlocking a key; raise the limit with '__org.example_kdf-work-limit' "
-                    "only for a header you trust",
+                    "for unlocking a key\nRaise the limit with '__org.example_kdf-work-limit' "
+                    "only for a header you trust.",
     'l2-argon2-memory': 'LUKS2 keyslot 0: Argon2 memory cost 4194305 KiB is above the 4194304 '
                         'KiB (4 GiB) that LUKS2 allows',
     'l2-argon2-memory-limit': "LUKS2 keyslot 0 asks Argon2 for %d KiB of memory, more than the "
-                              "limit of %d KiB; raise the limit with "
-                              "'__org.example_kdf-memory-limit' only for a header you trust",
+                              "limit of %d KiB\nRaise the limit with "
+                              "'__org.example_kdf-memory-limit' only for a header you trust.",
     'l2-no-keyslot': 'LUKS2 volume has no keyslot to try: the keyslots of its volume key are '
                      'all to be ignored (priority 0)',
     'l2-argon2-lanes': 'LUKS2 keyslot 0: Argon2 parallelism 5 is not from 1 to 4, as LUKS2 '
