@@ -582,7 +582,8 @@ def l2_info_want(hdr, detached):
           'keyslots': []}
     for sid, ks in slots:
         k, area = ks['kdf'], ks['area']
-        slot = {'active': True, 'key-offset': int(area['offset']), 'stripes': ks['af']['stripes']}
+        slot = {'active': True, 'key-offset': int(area['offset']), 'stripes': ks['af']['stripes'],
+                '__org.example_keyslot': int(sid)}
         one = {'id': int(sid), 'key-size': ks['key_size'], 'kdf': k['type'],
                'priority': PRIORITY[ks.get('priority', 1)], 'stripes': ks['af']['stripes'],
                'area-encryption': area['encryption'], 'area-key-size': area['key_size'],
