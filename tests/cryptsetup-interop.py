@@ -13,19 +13,17 @@ taken twice: from that independent unlock, and from `cryptsetup luksDump
 --dump-volume-key`; the two must agree.  Prints TAP.
 """
 
-import hashlib
 import json
 import os
 import re
 import shutil
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lib'))
-import luks1  # noqa: E402
-import luks2  # noqa: E402
-from harness import (MiB, QEMU_IMG, QEMU_IO, check, diag, missing_tools, qemu_img,  # noqa: E402
-                     qemu_io, read, read_volume, reads_back, refuses, remove, run,
-                     scratch, secret, sha256, skip, spec, sums, tap, write)
+import luks1
+import luks2
+from proc import (QEMU_IMG, QEMU_IO, MiB, missing_tools, qemu_img, qemu_io, read, remove, run,
+                  scratch, sha256, sha256_data, sums, write)
+from specs import read_volume, reads_back, refuses, secret, spec
+from tap import check, diag, skip, tap
 
 # What QEMU says.  The series may reword these: change them here.
 EXPECT = {
@@ -683,7 +681,7 @@ def l2_decrypts(hdr, key, src, offset, want):
 def head_sum(path, length):
     """sha256 of the first length bytes of path (a header region)."""
     with open(path, 'rb') as f:
-        return hashlib.sha256(f.read(length)).hexdigest()
+        return sha256_data(f.read(length))
 
 
 def set_json(path, edit):
@@ -1144,7 +1142,7 @@ for desc, h, p, vspec in [('attached', 'ramend.img', 'ramend.img', spec('ramend.
                           ('detached', 'rbam.hdr', 'rbam.raw', spec('rbam.raw', 'rbam.hdr')),
                           ('detached header alone', 'rbam.hdr', 'rbam.raw', spec('rbam.hdr'))]:
     def payload_sum():
-        return hashlib.sha256(read(p)[16 * MiB:] if h == p else read(p)).hexdigest()
+        return sha256_data(read(p)[16 * MiB:] if h == p else read(p))
     psum = payload_sum()
     r = run(QAMEND[:-1] + ['state=active,new-secret=sec1,kdf=pbkdf2,kdf-iterations=1000',
                            vspec])

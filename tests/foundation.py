@@ -11,11 +11,10 @@ import os
 import pty
 import re
 import shutil
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lib'))
-from harness import TOP, check, run, scratch, skip, tap, text, write  # noqa: E402
+from proc import TOP, run, scratch, text, write
+from tap import check, skip, tap
 
 
 def script(name, *args, env=None, timeout=600, **kw):
@@ -25,9 +24,9 @@ def script(name, *args, env=None, timeout=600, **kw):
 
 
 def lib(*names):
-    """Values of variables as scripts/lib.sh sets them."""
+    """Values of variables as scripts/lib/lib.sh sets them."""
     r = run(['bash', '-c', '. "$0"; for v; do printf "%s\\n" "${!v}"; done',
-             os.path.join(TOP, 'scripts', 'lib.sh')] + list(names))
+             os.path.join(TOP, 'scripts', 'lib', 'lib.sh')] + list(names))
     return r.out.split('\n')[:len(names)]
 
 
@@ -62,14 +61,14 @@ dl = os.path.join(TMP, 'dl')
 os.mkdir(dl)
 for f in (DSC, DEB_TAR, ORIG_TAR):
     shutil.copy(os.path.join(DOWNLOADS, f), dl)
-r = script('fetch', env={'QEMU_LUKS_DOWNLOADS': dl})
+r = script('lib/fetch', env={'QEMU_LUKS_DOWNLOADS': dl})
 check(r.ok, 'intact cached source verifies', r)
 with open(os.path.join(dl, ORIG_TAR), 'r+b') as f:
     f.seek(1000)
     byte = f.read(1)
     f.seek(1000)
     f.write(bytes([byte[0] ^ 0xff]))
-r = script('fetch', env={'QEMU_LUKS_DOWNLOADS': dl})
+r = script('lib/fetch', env={'QEMU_LUKS_DOWNLOADS': dl})
 check(r.refused, 'corrupted tarball stops the build', r)
 check('SHA-256 mismatch for downloads/' + ORIG_TAR in r.out,
       'with a checksum error naming the file', r.out)
@@ -91,7 +90,7 @@ ENV = {'QEMU_LUKS_BUILD': B, 'QEMU_LUKS_PATCHES': P, 'QEMU_LUKS_DOWNLOADS': dl,
 
 
 def prepare():
-    return script('prepare', env=ENV)
+    return script('lib/prepare', env=ENV)
 
 
 def tree_state():
@@ -133,13 +132,17 @@ hashes = [line for f in os.listdir(P) if f.endswith('.patch')
           for line in text(os.path.join(P, f)).split('\n')
           if re.match(r'From [0-9a-f]{40} ', line) and not line.startswith('From ' + '0' * 40)]
 check(not hashes, 'exported files carry no commit hash', '\n'.join(hashes))
+check('# changed' in text(series).split('\n'),
+      'export keeps the comment lines of patches/series (the topic headings)',
+      text(series))
 r = prepare()
 check(r.ok, 'after export, prepare accepts the tree', r)
 
 # patches/ changed upstream (say by a pull): applied afresh.
 lines = text(series).rstrip('\n').split('\n')
-os.unlink(os.path.join(P, lines[-1]))
-write(series, ('\n'.join(lines[:-1]) + '\n').encode())
+last = [line for line in lines if line.strip() and not line.startswith('#')][-1]
+os.unlink(os.path.join(P, last))
+write(series, ''.join(line + '\n' for line in lines if line != last).encode())
 r = prepare()
 check(r.ok, 'changed patches/ is applied afresh', r)
 check(git(Q, 'rev-parse', 'HEAD^{tree}').out == git(Q, 'rev-parse', head_before + '^{tree}').out,
@@ -283,6 +286,7 @@ SUITES = {
 }
 for name, body in SUITES.items():
     write(os.path.join(T, 'tests', name + '.py'), body.encode())
+write(os.path.join(T, 'tests', 'suites.list'), ''.join(n + '\n' for n in SUITES).encode())
 
 
 def run_test(*suites, not_run=''):

@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """The LUKS header fuzz target of the series, fuzz-crypto-luks, as
-scripts/build-fuzz builds it in build/fuzz (libFuzzer, ASan, UBSan).
+scripts/lib/build-fuzz builds it in build/fuzz (libFuzzer, ASan, UBSan).
 
   1. The checked-in corpus replays in both modes of the target (no-io:
      header parsing only, as qemu-img info; unlock: with the target's
@@ -29,11 +29,10 @@ import lzma
 import os
 import re
 import shutil
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lib'))
-from harness import BUILD, TOP, check, diag, run, tap  # noqa: E402
+from proc import BUILD, TOP, run
+from tap import check, diag, tap
 
 FUZZ = os.path.join(BUILD, 'fuzz')
 TARGET = os.path.join(FUZZ, 'tests', 'fuzz', 'fuzz-crypto-luks')
@@ -173,7 +172,7 @@ def fuzz(mode, corpus_dirs, max_len):
 
 def main():
     if not check(os.access(TARGET, os.X_OK), 'the fuzz target is built',
-                 '%s is missing: run scripts/build (or scripts/build-fuzz)' % TARGET):
+                 '%s is missing: run scripts/build (or scripts/lib/build-fuzz)' % TARGET):
         tap.done()
     seeds_dir, seeds = unpack('seeds')
     regressions_dir, regressions = unpack('regressions')

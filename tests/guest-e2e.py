@@ -49,22 +49,25 @@ import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lib'))
-from harness import (ENV, MiB, QEMU_SYSTEM, QSD, README_LUKS2_PATHS, README_PATHS,  # noqa: E402
-                     TOP, check, missing_tools, monitor_commands, qemu_img, qemu_io, read,
-                     readme_block, remove, run, scratch, sha256, tap, text, vm_disk_options)
-import harness  # noqa: E402
-import luks2  # noqa: E402
+import luks2
+from proc import (ENV, QEMU_SYSTEM, QSD, TOP, MiB, missing_tools, python_qemu, qemu_img, qemu_io,
+                  qmp_ok, read, remove, run, scratch, sha256, sha256_data, text)
+from readme_text import (README_LUKS2_PATHS, README_PATHS, monitor_commands, readme_block,
+                         vm_disk_options)
+from specs import qcow2, secret, spec
+from tap import check, tap
 
 try:
-    harness.python_qemu()
+    python_qemu()
     from qemu.machine import QEMUMachine
+    from qemu.qmp import QMPError
+    from qemu.qmp.legacy import QEMUMonitorProtocol
 except ImportError as e:
-    check(False, "QEMU's own python library imports from %s" % harness.python_qemu(), str(e))
+    check(False, "QEMU's own python library imports from %s" % python_qemu(), str(e))
     tap.done()
 
 PASS = 'abc123'
-SECRET_ARG = 'secret,id=sec0,data=' + PASS
+SECRET_ARG = secret(data=PASS)
 DISK = 64 * MiB
 signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))   # clean up on timeout
 
@@ -77,7 +80,9 @@ class Guest:
     lines on its serial console, which is QEMUMachine's console socket,
     copied to NAME.console by a thread.  QEMU starts paused (-S) and runs
     only once the console is connected, so no line is lost.  QMP is
-    QEMUMachine's: qmp() returns the response, event() waits for one."""
+    QEMUMachine's: command() returns the return value and raises on an
+    error, ok() is a command as a TAP line, qmp() returns the response
+    (for the commands that must fail), event() waits for one."""
 
     running = []        # stopped after each test
 
@@ -96,13 +101,12 @@ class Guest:
         self.reader = threading.Thread(target=self._read_console, args=(sock,), daemon=True)
         self.reader.start()
         end = time.time() + 10
-        while not self.qmp('qom-get', path='/chardevs/console',
-                           property='connected').get('return'):
+        while not self.command('qom-get', path='/chardevs/console', property='connected'):
             if time.time() > end:
                 raise TimeoutError('the console socket did not connect')
             time.sleep(0.05)
         if start:
-            self.qmp('cont')
+            self.command('cont')
 
     def _read_console(self, sock):
         with open(self.console_path, 'w') as log:
@@ -118,14 +122,28 @@ class Guest:
                 log.flush()
                 self.text += chunk
 
+    def command(self, cmd, **args):
+        """The return value of cmd (QEMUMachine.command(): ExecuteError
+        if QMP answers with an error)."""
+        return self.vm.command(cmd, conv_keys=False, **args)
+
+    def ok(self, desc, cmd, **args):
+        """One TAP line: cmd succeeds."""
+        return qmp_ok(self.vm, desc, cmd, **args)
+
     def qmp(self, cmd, **args):
         """The QMP response ({"return": ...} or {"error": ...})."""
         return self.vm.qmp(cmd, args_dict=args)
 
     def send(self, text):
-        """A QMP command given as the JSON text users type."""
+        """The response to a QMP command given as the JSON text users type."""
         msg = json.loads(text)
-        return self.vm.qmp(msg['execute'], args_dict=msg.get('arguments', {}))
+        return self.qmp(msg['execute'], **msg.get('arguments', {}))
+
+    def send_ok(self, desc, text):
+        """One TAP line: the command of that JSON text succeeds."""
+        msg = json.loads(text)
+        return self.ok(desc, msg['execute'], **msg.get('arguments', {}))
 
     def event(self, name, timeout=30, **data):
         """The next event name whose data has these values, or None."""
@@ -213,17 +231,55 @@ def stop(p, grace=5):
             p.wait(5)
 
 
+def start_qsd(d, name, args, timeout=20):
+    """qemu-storage-daemon with args, a QMP monitor on d/NAME.qmp and a pid
+    file d/NAME.pid, its output in d/NAME.log.  It writes the pid file once
+    it has processed all its options, so when this returns (once there is
+    a pid file, or it exited, or timeout seconds passed) what args ask for
+    is set up.  Returns (its Popen, its QMP socket)."""
+    qmp, pidfile = os.path.join(d, name + '.qmp'), os.path.join(d, name + '.pid')
+    p = spawn([QSD, '--chardev', 'socket,id=qmp0,path=%s,server=on,wait=off' % qmp,
+               '--monitor', 'chardev=qmp0', '--pidfile', pidfile] + args,
+              os.path.join(d, name + '.log'))
+    end = time.time() + timeout
+    while not os.path.exists(pidfile) and time.time() < end and p.poll() is None:
+        time.sleep(0.1)
+    return p, qmp
+
+
+def qsd_command(qmp, cmd, **args):
+    """The return value of QMP cmd to the qemu-storage-daemon whose monitor
+    listens on qmp, in a connection of its own (python/qemu's
+    qmp.legacy.QEMUMonitorProtocol; an error raises)."""
+    with QEMUMonitorProtocol(qmp) as mon:
+        mon.connect()
+        mon.settimeout(30)
+        return mon.command(cmd, **args)
+
+
+def quit_qsd(p, qmp):
+    """Ask it to quit over QMP and wait for it to exit; stop it if it has
+    not within 10 s.  It answers quit, then exits, closing the connection:
+    closing ours then raises EOFError (7.2's qmp.legacy), which is no
+    failure."""
+    try:
+        qsd_command(qmp, 'quit')
+    except EOFError:
+        pass
+    except (OSError, QMPError) as e:
+        print('# qemu-storage-daemon: quit over QMP failed: %s: %s' % (type(e).__name__, e))
+    try:
+        p.wait(10)
+    except subprocess.TimeoutExpired:
+        print('# qemu-storage-daemon did not exit within 10 s of quit')
+    stop(p)
+
+
 # --- images and plaintext ----------------------------------------------------------
-def sha(data):
-    return hashlib.sha256(data).hexdigest()
-
-
-def detached_spec(header, payload, qcow2=True, passphrase_id='sec0'):
-    f = {'filename': payload}
-    if qcow2:
-        f = {'driver': 'qcow2', 'file': f}
-    return 'json:' + json.dumps({'driver': 'luks', 'key-secret': passphrase_id,
-                                 'file': f, 'header': {'filename': header}})
+def detached_spec(header, payload, qcow2_payload=True):
+    """The json: spec of a luks node over payload (a qcow2 image, or raw)
+    with header, keyed by the secret sec0."""
+    return spec(qcow2(payload) if qcow2_payload else payload, header)
 
 
 class Plain:
@@ -236,8 +292,8 @@ class Plain:
         self.file = os.path.join(d, name + '.plain')
         with open(self.file, 'wb') as f:
             f.write(self.random)
-        self.expect = {(0, MiB): sha(self.random),
-                       (self.PAT_OFF, self.PAT_LEN): sha(bytes([pattern]) * self.PAT_LEN)}
+        self.expect = {(0, MiB): sha256_data(self.random),
+                       (self.PAT_OFF, self.PAT_LEN): sha256_data(bytes([pattern]) * self.PAT_LEN)}
 
     def qemu_io_writes(self):
         return ['-c', 'write -s %s 0 1M' % self.file,
@@ -292,7 +348,7 @@ def no_plaintext(path, what, plains):
 
 def read_back(h, p, qcow2, passphrase, patterns, what):
     """qemu-io through the detached spec: read -P for each (byte, off, len)."""
-    args = ['--object', 'secret,id=sec0,data=' + passphrase]
+    args = ['--object', secret(data=passphrase)]
     for byte, off, length in patterns:
         args += ['-c', 'read -P 0x%x %d %d' % (byte, off, length)]
     r = qemu_io(*args, detached_spec(h, p, qcow2))
@@ -300,21 +356,24 @@ def read_back(h, p, qcow2, passphrase, patterns, what):
           and r.out.count('read ') == len(patterns), what, r)
 
 
-def ok_return(r, desc):
-    return check('return' in r, desc, json.dumps(r))
+def error_of(r):
+    """The class and the text of the error that the QMP response r is
+    (('', '') when it is none)."""
+    e = r.get('error', {})
+    return e.get('class', ''), e.get('desc', '')
 
 
 def node_names(g):
-    return sorted(x['node-name'] for x in g.qmp('query-named-block-nodes').get('return', []))
+    return sorted(x['node-name'] for x in g.command('query-named-block-nodes'))
 
 
 def pci_devices(g):
     return sorted((d['slot'], d['function'], d['id']['device'])
-                  for b in g.qmp('query-pci').get('return', []) for d in b['devices'])
+                  for b in g.command('query-pci') for d in b['devices'])
 
 
 def status(g):
-    return g.qmp('query-status').get('return', {}).get('status')
+    return g.command('query-status')['status']
 
 
 def powered_off(g, what):
@@ -450,21 +509,21 @@ def hotplug_unplug(d):
     nodes0, pci0 = node_names(g), pci_devices(g)
     steps = [fill(t, h, p) for t in readme_hotplug()]
     for i, t in enumerate(steps[:5]):
-        ok_return(g.send(t), '%s step %d: %s' % (what, i + 1, step_name(t)))
+        g.send_ok('%s step %d: %s' % (what, i + 1, step_name(t)), t)
     nodes4 = node_names(g)
-    r = g.send(wrong_secret(steps))
-    check('error' in r, what + ': step 6 naming a secret that was not added '
-          '(libvirt-2-format-secret) fails', json.dumps(r))
-    check("No secret with id 'libvirt-2-format-secret'" in r.get('error', {}).get('desc', ''),
-          what + ': and the error names the missing secret', json.dumps(r))
+    cls, why = error_of(g.send(wrong_secret(steps)))
+    check(cls == 'GenericError', what + ': step 6 naming a secret that was not added '
+          '(libvirt-2-format-secret) fails', '%s: %s' % (cls, why))
+    check("No secret with id 'libvirt-2-format-secret'" in why,
+          what + ': and the error names the missing secret', why)
     check(status(g) == 'running' and g.alive(), what + ': the VM keeps running')
     check(node_names(g) == nodes4 and 'libvirt-3-format' not in nodes4,
           what + ': nothing half-added (no luks node, same nodes as before)',
           'before: %s\nafter: %s' % (nodes4, node_names(g)))
     check(pci_devices(g) == pci0, what + ': no device appeared on the PCI bus')
     for i, t in enumerate(steps[5:], 6):
-        ok_return(g.send(t), '%s step %d: %s' % (what, i, step_name(t)))
-    info = [x for x in g.qmp('query-named-block-nodes').get('return', [])
+        g.send_ok('%s step %d: %s' % (what, i, step_name(t)), t)
+    info = [x for x in g.command('query-named-block-nodes')
             if x['node-name'] == 'libvirt-3-format']
     luks = info[0]['image'].get('format-specific', {}).get('data', {}) if info else {}
     check(luks.get('detached-header') is True and info[0]['image']['virtual-size'] == DISK,
@@ -484,15 +543,15 @@ def hotplug_unplug(d):
           what + ': while plugged, the payload and (for writing) the header are locked',
           '%s\n%s' % (r1, r2))
     dev = json.loads(steps[6])['arguments']['id']
-    ok_return(g.qmp('device_del', id=dev), what + ': device_del ' + dev)
+    g.ok(what + ': device_del ' + dev, 'device_del', id=dev)
     check(g.event('DEVICE_DELETED', 30, device=dev),
           what + ': DEVICE_DELETED for ' + dev, json.dumps(g.vm.get_qmp_events()))
     check(g.wait(r'gone vda'), what + ': the disk is gone from the guest', g.tail())
     for node in ['libvirt-3-format', 'libvirt-2-format', 'libvirt-1-format',
                  'libvirt-2-storage', 'libvirt-1-storage']:
-        ok_return(g.qmp('blockdev-del', **{'node-name': node}), what + ': blockdev-del ' + node)
+        g.ok(what + ': blockdev-del ' + node, 'blockdev-del', **{'node-name': node})
     sid = json.loads(steps[0])['arguments']['id']
-    ok_return(g.qmp('object-del', id=sid), what + ': object-del ' + sid)
+    g.ok(what + ': object-del ' + sid, 'object-del', id=sid)
     check(node_names(g) == nodes0, what + ': no block node left', 'nodes: %s' % node_names(g))
     r1, r2 = qemu_img('info', p), qemu_img('info', h)
     check(r1.ok and r2.ok and 'file format: qcow2' in r1.out and
@@ -502,9 +561,8 @@ def hotplug_unplug(d):
     r2 = qemu_io('-f', 'raw', '-c', 'read 0 512', h)
     check(r1.ok and r2.ok, what + ': both files open read-write again', '%s\n%s' % (r1, r2))
     check(status(g) == 'running' and g.alive(), what + ': the VM is still running', g.tail())
-    r = g.qmp('quit')
-    check('return' in r and g.exited(20) is not None, what + ': the VM quits when asked',
-          json.dumps(r))
+    g.command('quit')
+    check(g.exited(20) is not None, what + ': the VM quits when asked', g.tail())
     r = qemu_img('check', p)
     check(r.ok and 'No errors were found' in r.out,
           what + ': qemu-img check on the payload is clean', r)
@@ -521,42 +579,48 @@ def nbd_header(d):
            'server': {'type': 'unix', 'path': sock}, 'export': 'header'}
     g = Guest(d, 't4', ['list', 'wait:vda:50'] + plain.reads('vda') + ['poweroff'])
     check(g.wait(r'disks\s*'), what + ': the guest boots with no disk', g.tail())
-    ok_return(g.qmp('object-add', **{'qom-type': 'secret', 'id': 'sec-nbd', 'data': PASS}),
-              what + ': object-add secret')
-    ok_return(g.qmp('blockdev-add', driver='file', filename=p,
-                    **{'node-name': 'libvirt-2-storage'}), what + ': blockdev-add payload storage')
-    ok_return(g.qmp('blockdev-add', driver='qcow2', file='libvirt-2-storage',
-                    **{'node-name': 'libvirt-2-format'}), what + ': blockdev-add payload qcow2 node')
+    g.ok(what + ': object-add secret',
+         'object-add', **{'qom-type': 'secret', 'id': 'sec-nbd', 'data': PASS})
+    g.ok(what + ': blockdev-add payload storage',
+         'blockdev-add', driver='file', filename=p, **{'node-name': 'libvirt-2-storage'})
+    g.ok(what + ': blockdev-add payload qcow2 node',
+         'blockdev-add', driver='qcow2', file='libvirt-2-storage',
+         **{'node-name': 'libvirt-2-format'})
     nodes = node_names(g)
     # No header server yet.
-    r = g.qmp('blockdev-add', **nbd)
-    desc = r.get('error', {}).get('desc', '')
-    check('Failed to connect' in desc and sock in desc, what + ': without the server, '
-          'blockdev-add of the nbd node fails naming the socket', json.dumps(r))
-    r = g.qmp('blockdev-add', **{'node-name': 'libvirt-3-format', 'driver': 'luks',
-                                 'file': 'libvirt-2-format', 'key-secret': 'sec-nbd',
-                                 'header': {k: v for k, v in nbd.items() if k != 'node-name'}})
-    check('Failed to connect' in r.get('error', {}).get('desc', ''), what + ': without the '
-          'server, a luks node with an inline nbd header fails too', json.dumps(r))
-    r = g.qmp('blockdev-add', **{'node-name': 'libvirt-3-format', 'driver': 'luks',
-                                 'file': 'libvirt-2-format', 'key-secret': 'sec-nbd'})
-    check('Volume is not in LUKS format' in r.get('error', {}).get('desc', ''),
-          what + ': the payload alone does not open as LUKS', json.dumps(r))
+    cls, why = error_of(g.qmp('blockdev-add', **nbd))
+    check(cls == 'GenericError' and 'Failed to connect' in why and sock in why,
+          what + ': without the server, blockdev-add of the nbd node fails naming the socket',
+          '%s: %s' % (cls, why))
+    cls, why = error_of(g.qmp('blockdev-add', **{
+        'node-name': 'libvirt-3-format', 'driver': 'luks', 'file': 'libvirt-2-format',
+        'key-secret': 'sec-nbd', 'header': {k: v for k, v in nbd.items() if k != 'node-name'}}))
+    check(cls == 'GenericError' and 'Failed to connect' in why, what + ': without the '
+          'server, a luks node with an inline nbd header fails too', '%s: %s' % (cls, why))
+    cls, why = error_of(g.qmp('blockdev-add', **{
+        'node-name': 'libvirt-3-format', 'driver': 'luks', 'file': 'libvirt-2-format',
+        'key-secret': 'sec-nbd'}))
+    check(cls == 'GenericError' and 'Volume is not in LUKS format' in why,
+          what + ': the payload alone does not open as LUKS', '%s: %s' % (cls, why))
     check(node_names(g) == nodes and status(g) == 'running',
           what + ': the failures left no node behind and the VM running',
           '%s\n%s' % (nodes, node_names(g)))
     no_plaintext(p, what + ': the payload alone', [plain])
 
-    qsd = spawn([QSD, '--blockdev', json.dumps({'driver': 'file', 'filename': h,
-                                                'node-name': 'hdr', 'read-only': True}),
-                 '--nbd-server', 'addr.type=unix,addr.path=' + sock,
-                 '--export', 'type=nbd,id=exp0,node-name=hdr,name=header,writable=off'],
-                os.path.join(d, 'qsd.log'))
-    end = time.time() + 20
-    while not os.path.exists(sock) and time.time() < end and qsd.poll() is None:
-        time.sleep(0.1)
-    check(os.path.exists(sock), what + ': qemu-storage-daemon serves the header read-only '
-          'on a Unix socket', text(os.path.join(d, 'qsd.log')))
+    qsd, qsd_qmp = start_qsd(d, 'qsd', [
+        '--blockdev', json.dumps({'driver': 'file', 'filename': h, 'node-name': 'hdr',
+                                  'read-only': True}),
+        '--nbd-server', 'addr.type=unix,addr.path=' + sock,
+        '--export', 'type=nbd,id=exp0,node-name=hdr,name=header,writable=off'])
+    try:
+        exports = [(x['id'], x['type'], x['node-name'])
+                   for x in qsd_command(qsd_qmp, 'query-block-exports')]
+    except (OSError, QMPError) as e:
+        exports = '%s: %s' % (type(e).__name__, e)
+    check(exports == [('exp0', 'nbd', 'hdr')] and os.path.exists(sock),
+          what + ': qemu-storage-daemon serves the header read-only on a Unix socket '
+          '(query-block-exports on its QMP monitor)',
+          'exports: %s\n%s' % (exports, text(os.path.join(d, 'qsd.log'))))
     url = 'nbd+unix:///header?socket=' + sock
     r = qemu_io('-f', 'raw', '-c', 'write 0 512', url)
     check(r.refused and ('read-only' in r.out.lower() or 'Permission denied' in r.out),
@@ -564,20 +628,20 @@ def nbd_header(d):
     r = qemu_img('info', '-f', 'luks', url)
     check(r.ok and 'detached header: true' in r.out,
           what + ': qemu-img info over NBD sees a detached header', r)
-    ok_return(g.qmp('blockdev-add', **nbd), what + ': blockdev-add the nbd node')
-    ok_return(g.qmp('blockdev-add', driver='raw', file='libvirt-1-storage',
-                    **{'node-name': 'libvirt-1-format', 'read-only': True}),
-              what + ': blockdev-add a read-only raw node on it')
-    ok_return(g.qmp('blockdev-add', **{'node-name': 'libvirt-3-format', 'driver': 'luks',
-                                       'file': 'libvirt-2-format', 'header': 'libvirt-1-format',
-                                       'key-secret': 'sec-nbd'}),
-              what + ': blockdev-add the luks node with the NBD header')
-    ok_return(g.qmp('device_add', driver='virtio-blk-pci', drive='libvirt-3-format',
-                    id='virtio-disk3'), what + ': device_add')
+    g.ok(what + ': blockdev-add the nbd node', 'blockdev-add', **nbd)
+    g.ok(what + ': blockdev-add a read-only raw node on it',
+         'blockdev-add', driver='raw', file='libvirt-1-storage',
+         **{'node-name': 'libvirt-1-format', 'read-only': True})
+    g.ok(what + ': blockdev-add the luks node with the NBD header',
+         'blockdev-add', **{'node-name': 'libvirt-3-format', 'driver': 'luks',
+                            'file': 'libvirt-2-format', 'header': 'libvirt-1-format',
+                            'key-secret': 'sec-nbd'})
+    g.ok(what + ': device_add',
+         'device_add', driver='virtio-blk-pci', drive='libvirt-3-format', id='virtio-disk3')
     check(g.wait(r'appeared vda'), what + ': the guest sees the disk', g.tail())
     guest_reads(g, 'vda', what, plain)
     powered_off(g, what)
-    stop(qsd)
+    quit_qsd(qsd, qsd_qmp)
 
 
 @guest_test(60)
@@ -586,11 +650,10 @@ def attached(d):
     what = 'attached'
     plain = Plain(d, 't5', 0x5a)
     img = os.path.join(d, 't5.luks')
-    spec = 'json:' + json.dumps({'driver': 'luks', 'key-secret': 'sec0',
-                                 'file': {'filename': img}})
+    vol = spec(img)
     r1 = qemu_img('create', '--object', SECRET_ARG, '-f', 'luks',
                   '-o', 'key-secret=sec0,iter-time=10', img, str(DISK))
-    r2 = qemu_io('--object', SECRET_ARG, *plain.qemu_io_writes(), spec)
+    r2 = qemu_io('--object', SECRET_ARG, *plain.qemu_io_writes(), vol)
     check(r1.ok and r2.ok, what + ': LUKS image and plaintext made', '%s\n%s' % (r1, r2))
     r = qemu_img('info', img)
     check(r.ok and 'detached header: false' in r.out,
@@ -608,7 +671,7 @@ def attached(d):
     guest_reads(g, 'vda', what, plain)
     check(g.wait(r'wrote vda .*'), what + ': the guest writes a pattern', g.tail())
     powered_off(g, what)
-    r = qemu_io('--object', SECRET_ARG, '-c', 'read -P 0x5c %d %d' % (16 * MiB, MiB), spec)
+    r = qemu_io('--object', SECRET_ARG, '-c', 'read -P 0x5c %d %d' % (16 * MiB, MiB), vol)
     check(r.ok and 'Pattern verification failed' not in r.out,
           what + ": qemu-io reads the guest's pattern", r)
 
@@ -845,7 +908,7 @@ def make_shared(d, name, what, pa_plain, pb_plain):
           qemu_img('create', '-f', 'raw', pa, str(DISK)),
           qemu_img('create', '-f', 'qcow2', pb, str(DISK_B)),
           qemu_io('--object', SECRET_ARG, *pa_plain.qemu_io_writes(),
-                  detached_spec(h, pa, qcow2=False)),
+                  detached_spec(h, pa, qcow2_payload=False)),
           qemu_io('--object', SECRET_ARG, *pb_plain.qemu_io_writes(), detached_spec(h, pb))]
     if check(all(r.ok for r in rs), '%s: one header, a raw and a qcow2 payload, each with '
              'its own plaintext (qemu-img, qemu-io through the detached spec)' % what,
@@ -877,7 +940,7 @@ def shared_blockdevs(h, pa, pb, secret_a, secret_b):
 def shared_users_ok(g, users, what):
     """The header node's parents are users, as their "header" child,
     none of them with write permission."""
-    graph = g.qmp('x-debug-query-block-graph').get('return', {})
+    graph = g.command('x-debug-query-block-graph')
     names = {x['id']: x['name'] for x in graph.get('nodes', [])}
     got = sorted((names.get(e['parent']), e['name'], tuple(sorted(e['perm'])))
                  for e in graph.get('edges', []) if names.get(e['child']) == HDR)
@@ -887,10 +950,11 @@ def shared_users_ok(g, users, what):
           'with write permission' % (what, ' and '.join(users)), json.dumps(got))
 
 
-def amend_add_key(g, job, node):
-    return g.qmp('x-blockdev-amend', **{'job-id': job, 'node-name': node,
-                                        'options': {'driver': 'luks', 'state': 'active',
-                                                    'new-secret': 'sec-new', 'iter-time': 10}})
+def amend_add_key(job, node):
+    """The arguments of an x-blockdev-amend that adds a key slot (secret sec-new)."""
+    return {'job-id': job, 'node-name': node,
+            'options': {'driver': 'luks', 'state': 'active', 'new-secret': 'sec-new',
+                        'iter-time': 10}}
 
 
 @guest_test(90)
@@ -959,14 +1023,15 @@ def shared_hotplug(d):
           '%s: the guest boots with vda only' % what, g.tail())
     guest_reads(g, 'vda', what + ', vda', pa_plain)
     for sid, data in [('sec-b', PASS), ('sec-new', NEW_PASS)]:
-        ok_return(g.qmp('object-add', **{'qom-type': 'secret', 'id': sid, 'data': data}),
-                  '%s: object-add secret %s' % (what, sid))
+        g.ok('%s: object-add secret %s' % (what, sid),
+             'object-add', **{'qom-type': 'secret', 'id': sid, 'data': data})
     mark = len(g.lines())
     for x in b:
-        ok_return(g.qmp('blockdev-add', **x), '%s: blockdev-add %s%s' % (
-            what, x['node-name'], ' (header: the existing %s)' % HDR if 'header' in x else ''))
-    ok_return(g.qmp('device_add', driver='virtio-blk-pci', drive=LUKS_B, id='virtio-disk1'),
-              '%s: device_add virtio-disk1' % what)
+        g.ok('%s: blockdev-add %s%s' % (
+            what, x['node-name'], ' (header: the existing %s)' % HDR if 'header' in x else ''),
+            'blockdev-add', **x)
+    g.ok('%s: device_add virtio-disk1' % what,
+         'device_add', driver='virtio-blk-pci', drive=LUKS_B, id='virtio-disk1')
     shared_users_ok(g, [LUKS_A, LUKS_B], what)
     check(g.wait(r'appeared vdb', since=mark) and g.wait(r'disk vdb %d' % DISK_B, since=mark),
           '%s: the guest sees vdb of 48 MiB' % what, g.tail())
@@ -976,40 +1041,38 @@ def shared_hotplug(d):
     # No key update while another luks node uses the header.
     hsum = sha256(h)
     for node, other in [(LUKS_A, LUKS_B), (LUKS_B, LUKS_A)]:
-        r = amend_add_key(g, 'amend-' + node, node)
-        desc = r.get('error', {}).get('desc', '')
-        check('Cannot update the keys of detached LUKS header' in desc and
-              'Permission conflict' in desc and other in desc,
+        cls, why = error_of(g.qmp('x-blockdev-amend', **amend_add_key('amend-' + node, node)))
+        check(cls == 'GenericError' and 'Cannot update the keys of detached LUKS header' in why
+              and 'Permission conflict' in why and other in why,
               '%s: x-blockdev-amend on %s fails while %s shares the header, naming the '
-              'permission conflict' % (what, node, other), json.dumps(r))
-    check(g.qmp('query-jobs').get('return') == [] and status(g) == 'running'
+              'permission conflict' % (what, node, other), '%s: %s' % (cls, why))
+    check(g.command('query-jobs') == [] and status(g) == 'running'
           and sha256(h) == hsum, '%s: no job left, the header file unchanged, the VM keeps '
           'running' % what)
     shared_users_ok(g, [LUKS_A, LUKS_B], what + ', after the failed amend')
 
     # Unplug disk B; disk A stays.
-    ok_return(g.qmp('device_del', id='virtio-disk1'), '%s: device_del virtio-disk1' % what)
+    g.ok('%s: device_del virtio-disk1' % what, 'device_del', id='virtio-disk1')
     check(g.event('DEVICE_DELETED', 30, device='virtio-disk1'),
           '%s: DEVICE_DELETED for virtio-disk1' % what, json.dumps(g.vm.get_qmp_events()))
     check(g.wait(r'gone vdb', since=mark), '%s: vdb is gone from the guest' % what, g.tail())
     for x in reversed(b):
-        ok_return(g.qmp('blockdev-del', **{'node-name': x['node-name']}),
-                  '%s: blockdev-del %s' % (what, x['node-name']))
-    r = g.qmp('blockdev-del', **{'node-name': HDR})
-    check(r.get('error', {}).get('desc') == 'Block device %s is in use' % HDR,
+        g.ok('%s: blockdev-del %s' % (what, x['node-name']),
+             'blockdev-del', **{'node-name': x['node-name']})
+    cls, why = error_of(g.qmp('blockdev-del', **{'node-name': HDR}))
+    check(cls == 'GenericError' and why == 'Block device %s is in use' % HDR,
           '%s: blockdev-del of the header node while %s uses it fails: "in use"'
-          % (what, LUKS_A), json.dumps(r))
+          % (what, LUKS_A), '%s: %s' % (cls, why))
     shared_users_ok(g, [LUKS_A], what + ', after the unplug')
 
     # With a single user, the key update works.
-    r = amend_add_key(g, 'amend1', LUKS_A)
-    if ok_return(r, '%s: x-blockdev-amend on %s, now the only user, adds a key slot '
-                 '(secret sec-new)' % (what, LUKS_A)):
+    if g.ok('%s: x-blockdev-amend on %s, now the only user, adds a key slot (secret sec-new)'
+            % (what, LUKS_A), 'x-blockdev-amend', **amend_add_key('amend1', LUKS_A)):
         e = g.event('JOB_STATUS_CHANGE', 30, id='amend1', status='concluded')
-        jobs = [j for j in g.qmp('query-jobs').get('return', []) if j['id'] == 'amend1']
+        jobs = [j for j in g.command('query-jobs') if j['id'] == 'amend1']
         check(e and jobs and 'error' not in jobs[0],
               '%s: the amend job concludes without error' % what, json.dumps(jobs))
-        ok_return(g.qmp('job-dismiss', id='amend1'), '%s: job-dismiss' % what)
+        g.ok('%s: job-dismiss' % what, 'job-dismiss', id='amend1')
         check(sha256(h) != hsum, '%s: the header file changed' % what)
     shared_users_ok(g, [LUKS_A], what + ', after the amend')
 
@@ -1017,10 +1080,10 @@ def shared_hotplug(d):
     mark = len(g.lines())
     b[-1]['key-secret'] = 'sec-new'
     for x in b:
-        ok_return(g.qmp('blockdev-add', **x), '%s: blockdev-add %s again%s' % (
-            what, x['node-name'], ' (new secret)' if 'header' in x else ''))
-    ok_return(g.qmp('device_add', driver='virtio-blk-pci', drive=LUKS_B, id='virtio-disk2'),
-              '%s: device_add virtio-disk2' % what)
+        g.ok('%s: blockdev-add %s again%s' % (
+            what, x['node-name'], ' (new secret)' if 'header' in x else ''), 'blockdev-add', **x)
+    g.ok('%s: device_add virtio-disk2' % what,
+         'device_add', driver='virtio-blk-pci', drive=LUKS_B, id='virtio-disk2')
     check(g.wait(r'appeared vdb', since=mark), '%s: the guest sees vdb again' % what, g.tail())
     guest_reads(g, 'vda', what + ', vda after the unplug and the amend', pa_plain, since=mark)
     guest_reads(g, 'vdb', what + ', vdb opened with the new key slot', pb_plain, since=mark)
@@ -1152,10 +1215,10 @@ def luks2_hotplug(d):
     opts = [(o, json.loads(fill(v, h, p, README_LUKS2_PATHS))) for o, v in readme_luks2_vm()]
     cmd = {'-object': 'object-add', '-blockdev': 'blockdev-add', '-device': 'device_add'}
     for o, a in opts:
-        ok_return(g.qmp(cmd[o], **a), '%s: %s %s' % (what, cmd[o], a.get('node-name') or a['id']))
+        g.ok('%s: %s %s' % (what, cmd[o], a.get('node-name') or a['id']), cmd[o], **a)
     luks_node = [a for o, a in opts if a.get('driver') == 'luks'][0]['node-name']
     dev = [a for o, a in opts if o == '-device'][0]['id']
-    info = [x['image'] for x in g.qmp('query-named-block-nodes').get('return', [])
+    info = [x['image'] for x in g.command('query-named-block-nodes')
             if x['node-name'] == luks_node]
     data = info[0].get('format-specific', {}).get('data', {}) if info else {}
     seg = data.get('__org.example_luks2', {}).get('segment', {})
@@ -1167,20 +1230,19 @@ def luks2_hotplug(d):
     guest_reads(g, 'vda', what, plain)
     check(g.wait(r'wrote vda %d %d 0x3c' % (L2_W_OFF, L2_W_LEN)),
           what + ': the guest writes a 0x3c pattern', g.tail())
-    ok_return(g.qmp('device_del', id=dev), what + ': device_del ' + dev)
+    g.ok(what + ': device_del ' + dev, 'device_del', id=dev)
     check(g.event('DEVICE_DELETED', 30, device=dev),
           what + ': DEVICE_DELETED for ' + dev, json.dumps(g.vm.get_qmp_events()))
     check(g.wait(r'gone vda'), what + ': the disk is gone from the guest', g.tail())
     for o, a in reversed(opts):
         if o == '-blockdev':
-            ok_return(g.qmp('blockdev-del', **{'node-name': a['node-name']}),
-                      what + ': blockdev-del ' + a['node-name'])
+            g.ok(what + ': blockdev-del ' + a['node-name'],
+                 'blockdev-del', **{'node-name': a['node-name']})
         elif o == '-object':
-            ok_return(g.qmp('object-del', id=a['id']), what + ': object-del ' + a['id'])
+            g.ok(what + ': object-del ' + a['id'], 'object-del', id=a['id'])
     check(node_names(g) == nodes0, what + ': no block node left', 'nodes: %s' % node_names(g))
-    r = g.qmp('quit')
-    check('return' in r and g.exited(20) is not None, what + ': the VM quits when asked',
-          json.dumps(r))
+    g.command('quit')
+    check(g.exited(20) is not None, what + ': the VM quits when asked', g.tail())
     check(sha256(h) == hsum, what + ': the header file is unchanged')
     no_plaintext(p, what + ': the payload', [plain])
     luks2_after(what, h, p, hdr, key, plain, 0x3c)

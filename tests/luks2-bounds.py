@@ -22,14 +22,11 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lib'))
-from harness import (MiB, QEMU_IMG, check, diag, missing_tools, run,  # noqa: E402
-                     scratch, tap, write)
-import luks2  # noqa: E402
+import luks2
+from proc import QEMU_IMG, MiB, missing_tools, run, scratch, write
+from tap import check, diag, tap
 
 HDR_SIZE = 4 * MiB
 BOUND = 2 * 32 * MiB      # both copies are parsed and held at once

@@ -27,13 +27,12 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lib'))
-from harness import (MiB, QEMU_IMG, QEMU_IO, check, diag, missing_tools,  # noqa: E402
-                     qemu_img, qemu_io, read, read_volume, refuses, run,
-                     scratch, secret, skip, spec, tap, write)
-import luks2  # noqa: E402
+import luks2
+from proc import (QEMU_IMG, QEMU_IO, MiB, missing_tools, qemu_img, qemu_io, read, run, scratch,
+                  write)
+from specs import read_volume, refuses, secret, spec
+from tap import check, diag, skip, tap
 
 KiB = 1024
 SIZE = 1 * MiB
@@ -473,8 +472,7 @@ def test_newer_copy_refused():
     refuses('newer copy: an amend',
             [QEMU_IMG, 'amend', *objects(), '-o',
              f"state=active,new-secret=sec2,{FAST['pbkdf2']}",
-             'json:' + json.dumps({'driver': 'luks', 'key-secret': 'sec0',
-                                   'file': {'filename': vol}})],
+             spec(vol)],
             'Cannot amend the LUKS2 volume: its secondary copy, of sequence '
             'id', [vol])
     r = run([CRYPTSETUP, 'open', '--test-passphrase', '--key-file', 'key2',

@@ -59,14 +59,13 @@ import json
 import os
 import shutil
 import struct
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lib'))
-from harness import (MiB, QEMU_IMG, QEMU_IO, check, diag, missing_tools,  # noqa: E402
-                     qemu_img, qemu_io, read, run, scratch, secret, spec, tap,
-                     write)
-import luks2  # noqa: E402
+import luks2
+from proc import (QEMU_IMG, QEMU_IO, MiB, missing_tools, qemu_img, qemu_io, read, run, scratch,
+                  write)
+from specs import secret, spec
+from tap import check, diag, tap
 
 # Cases on which cryptsetup and QEMU disagree today: case name (or
 # "attached: NAME" / "detached: NAME" for one layout only) -> (what QEMU

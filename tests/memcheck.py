@@ -9,13 +9,11 @@ access.  "Possibly lost" blocks are not counted: QEMU's RCU and other
 threads keep memory alive at exit.  Prints TAP.
 """
 
-import os
 import shutil
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lib'))
-from harness import (MiB, QEMU_IMG, QEMU_IO, check, missing_tools, run,  # noqa: E402
-                     scratch, secret, spec, tap, write)
+from proc import QEMU_IMG, QEMU_IO, MiB, missing_tools, run, scratch, write
+from specs import secret, spec
+from tap import check, tap
 
 VALGRIND = shutil.which('valgrind')
 gone = missing_tools([QEMU_IMG, QEMU_IO], commands=['valgrind'])

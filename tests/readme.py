@@ -13,12 +13,11 @@ Prints TAP."""
 
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lib'))
-from harness import (OBJ, README_LUKS2_PATHS, README_PATHS, TOP, check,  # noqa: E402
-                     missing_tools, monitor_commands, readme_blocks, run, scratch, tap,
-                     vm_disk_options)
+from proc import OBJ, TOP, missing_tools, run, scratch
+from readme_text import (README_LUKS2_PATHS, README_PATHS, monitor_commands, readme_blocks,
+                         vm_disk_options)
+from tap import check, tap
 
 gone = missing_tools([os.path.join(OBJ, x) for x in ('qemu-img', 'qemu-io')])
 if gone:

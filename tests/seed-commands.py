@@ -6,12 +6,11 @@ human output checked.  Prints TAP."""
 import os
 import pwd
 import re
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lib'))
-from harness import (MiB, PROBE_PAYLOAD, QemuIoShell, check, qcow2,  # noqa: E402
-                     qemu_img, qemu_io, read, refuses, scratch, secret, sha256,
-                     spec, tap, run, QEMU_IMG, QEMU_IO)
+from proc import (QEMU_IMG, QEMU_IO, MiB, import_iotests, qemu_img, qemu_io, read, run, scratch,
+                  sha256, time_limit)
+from specs import PROBE_PAYLOAD, qcow2, refuses, secret, spec
+from tap import check, tap
 
 # What the commands say.  The series may reword these: change them here.
 EXPECT = {
@@ -32,6 +31,57 @@ HEADER_ALONE = ['--image-opts', 'driver=luks,key-secret=sec0,file.filename=test-
 
 def vol(payload, header='test-header.img', **extra):
     return spec(payload, header, **extra)
+
+
+iotests = import_iotests()
+
+
+class Holder(iotests.QemuIoInteractive):
+    """qemu-io in interactive mode, its commands from a pipe: a process
+    that holds an image open for as long as a test needs, and answers.
+    This is iotests.QemuIoInteractive with what it lacks here: a time
+    limit on each wait (it waits for ever), an answer of None when
+    qemu-io is gone (it fails an assertion), whether qemu-io still runs
+    and its exit status, and a transcript (out) for the diagnostics.
+    The constructor raises ValueError if qemu-io gave no prompt (it
+    exited, its output the message), TimeoutError if none came in time."""
+
+    def __init__(self, *args, timeout=60):
+        self.out = ''
+        try:
+            with time_limit(timeout):
+                super().__init__(*args)
+        except TimeoutError:
+            self._p.kill()
+            self._p.wait()
+            raise
+
+    def ask(self, cmd, timeout=30):
+        """cmd's output, or None if none came in time or qemu-io exited."""
+        try:
+            with time_limit(timeout):
+                answer = self.cmd(cmd)
+        except (AssertionError, OSError, TimeoutError) as e:
+            answer = None
+            self.out += 'qemu-io> %s\n[no answer: %s %s]\n' % (cmd, type(e).__name__, e)
+        else:
+            self.out += 'qemu-io> %s\n%s' % (cmd, answer)
+        return answer
+
+    def alive(self):
+        return self._p.poll() is None
+
+    def quit(self, timeout=30):
+        """close(): its exit status, or None if it had to be killed."""
+        try:
+            with time_limit(timeout):
+                self.close()
+        except (OSError, ValueError, TimeoutError):    # its pipe is gone, or no exit
+            if self._p.poll() is None:
+                self._p.kill()
+                self._p.wait()
+                return None
+        return self._p.wait()
 
 
 scratch('seed-commands.')
@@ -122,16 +172,20 @@ def second_open(holder_args, volume, what):
     """Start a holder, then open volume read-write in another qemu-io.
     Checks that the holder was up before and still is after, and quits
     with status 0; returns the second open's result."""
-    h = QemuIoShell(holder_args)
-    answer = h.command('length', timeout=60)
+    try:
+        h = Holder(*holder_args)
+    except (ValueError, TimeoutError) as e:
+        h, why = None, 'qemu-io %s: no prompt: %s: %s' % (holder_args, type(e).__name__, e)
+    answer = h.ask('length', timeout=60) if h else None
     check(answer and re.match(r'[0-9.]+ (bytes|[KMG]iB)$', answer.strip()) and h.alive(),
           '%s: the holder is up (it answered "length": %s)' % (what, (answer or '').strip()),
-          h.out)
+          h.out if h else why)
     r = qemu_io('--object', SEC, '-c', 'read -P 0xa5 0 64k', volume)
-    check(h.alive() and h.command('length') is not None,
-          '%s: the holder is still there after the second open' % what, h.out)
-    rc = h.quit()
-    check(rc == 0, '%s: the holder quits with exit status 0 (%s)' % (what, rc), h.out)
+    check(h and h.alive() and h.ask('length') is not None,
+          '%s: the holder is still there after the second open' % what, h.out if h else why)
+    rc = h.quit() if h else None
+    check(rc == 0, '%s: the holder quits with exit status 0 (%s)' % (what, rc),
+          h.out if h else why)
     return r
 
 

@@ -25,13 +25,12 @@ picks it (the seed is printed).  Prints TAP.
 import os
 import random
 import shutil
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lib'))
-from harness import (MiB, check, diag, missing_tools, qemu_img, run,  # noqa: E402
-                     scratch, secret, spec, tap, QEMU_IMG, QEMU_IO)
-import luks1  # noqa: E402
-import luks2  # noqa: E402
+import luks1
+import luks2
+from proc import QEMU_IMG, QEMU_IO, MiB, missing_tools, qemu_img, run, scratch
+from specs import secret, spec
+from tap import check, diag, tap
 
 SIZE = 24 * MiB
 DEPTH = 16

@@ -41,7 +41,7 @@ import tarfile
 import time
 import urllib.request
 
-from proc import (ENV, IOTESTS, OBJ, QEMU_IMG, QEMU_IO, QEMU_NBD, QEMU_SYSTEM,
+from proc import (ENV, IOTESTS, QEMU_IMG, QEMU_IO, QEMU_NBD, QEMU_SYSTEM,
                   QSD, TOP, missing_tools, run, scratch, text)
 from tap import check, diag, tap
 

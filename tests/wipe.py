@@ -24,15 +24,14 @@ a build without the wiping).  Prints TAP.
 import os
 import re
 import secrets
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lib'))
-import harness  # noqa: E402
-from harness import (MiB, QEMU_IMG, QEMU_SYSTEM, check, diag, missing_tools,  # noqa: E402
-                     qemu_img, run, scratch, secret, tap, write)
-import luks1  # noqa: E402
-import luks2  # noqa: E402
+import luks1
+import luks2
+from proc import (QEMU_IMG, QEMU_SYSTEM, MiB, missing_tools, python_qemu, qemu_img, qmp_ok, run,
+                  scratch, write)
+from specs import secret
+from tap import check, diag, tap
 
 QEMU = os.environ.get('QEMU_WIPE_QEMU') or QEMU_SYSTEM
 
@@ -41,10 +40,10 @@ if gone:
     check(False, 'prerequisites present: missing ' + ', '.join(gone))
     tap.done()
 try:
-    harness.python_qemu()
+    python_qemu()
     from qemu.machine import QEMUMachine
 except ImportError as e:
-    check(False, "QEMU's own python library imports from %s" % harness.python_qemu(), str(e))
+    check(False, "QEMU's own python library imports from %s" % python_qemu(), str(e))
     tap.done()
 
 d = scratch('wipe.')
@@ -108,9 +107,8 @@ def volume(name, create_opts):
 
 
 def qmp(vm, cmd, **args):
-    r = vm.qmp(cmd, **args)
-    check('return' in r, 'QMP %s' % cmd, r)
-    return r
+    """One TAP line: cmd succeeds"""
+    return qmp_ok(vm, 'QMP %s' % cmd, cmd, **args)
 
 
 def amend(vm, node, new_secret, extra):
@@ -121,11 +119,11 @@ def amend(vm, node, new_secret, extra):
     qmp(vm, 'x-blockdev-amend', **{'job-id': 'amend0', 'node-name': node, 'options': opts})
     end = time.time() + 120
     while time.time() < end:
-        jobs = vm.qmp('query-jobs')['return']
+        jobs = vm.command('query-jobs')
         job = [j for j in jobs if j['id'] == 'amend0']
         if job and job[0]['status'] == 'concluded':
             check('error' not in job[0], 'the amend job succeeds', job[0])
-            vm.qmp('job-dismiss', id='amend0')
+            vm.command('job-dismiss', id='amend0')
             return
         time.sleep(0.1)
     check(False, 'the amend job concludes')
@@ -167,7 +165,7 @@ case('LUKS2 with PBKDF2', 'luks2-pbkdf2', 'version=2,kdf=pbkdf2,kdf-iterations=1
      {'iter-time': 10})
 case('LUKS2 with Argon2id', 'luks2-argon2id',
      'version=2,kdf=argon2id,kdf-memory=64,kdf-parallel=1,kdf-iterations=4',
-     {'__org.example_kdf': 'argon2id', '__org.example_kdf-memory': 64,
-      '__org.example_kdf-parallel': 1, '__org.example_kdf-iterations': 4})
+     {'__org.example_luks2': {'kdf': 'argon2id', 'kdf-memory': 64,
+                              'kdf-parallel': 1, 'kdf-iterations': 4}})
 diag('searched: the passphrases past their 16th byte, the volume key from byte 16 to 32')
 tap.done()

@@ -38,10 +38,13 @@ import subprocess
 import sys
 import tempfile
 
+# Run by hand (not by scripts/test, which sets PYTHONPATH): tests/lib on
+# sys.path here.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 'lib'))
-from harness import QEMU_IMG  # noqa: E402
 import luks2  # noqa: E402
+from proc import QEMU_IMG  # noqa: E402
+from specs import secret  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEEDS = os.path.join(HERE, 'seeds')
@@ -136,7 +139,7 @@ def rekey(path, tmp):
 
 def qemu_luks1(tmp):
     """LUKS1 headers made by qemu-img, attached and detached"""
-    obj = '--object', 'secret,id=sec0,data=' + PASSPHRASE.decode()
+    obj = '--object', secret(data=PASSPHRASE.decode())
     att = os.path.join(tmp, 'qemu-att.img')
     sh(QEMU_IMG, 'create', *obj, '-f', 'luks', '-o',
        'key-secret=sec0,cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,'

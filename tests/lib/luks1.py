@@ -6,9 +6,10 @@ Specification 1.2.3 (cryptsetup's docs/on-disk-format.pdf).
 Nothing here calls QEMU or cryptsetup.  It uses AES (ECB, CBC and XTS)
 from Debian's python3-cryptography and PBKDF2-HMAC and the hashes from
 hashlib; run it with /usr/bin/python3.  The sector IVs (plain, plain64,
-essiv:HASH), the anti-forensic merge (AFmerge with the H1 diffusion of the
-header's hash) and the master-key digest check are built here from the
-specification.
+essiv:HASH) and the anti-forensic merge (AFmerge with the H1 diffusion of
+the header's hash), which luks2.py uses too, are in luks_common.py; the
+cipher names, key slots and the master-key digest check are built here
+from the specification.
 
 What it does:
   parse a phdr (read_header), recover the master key from a passphrase
@@ -29,9 +30,10 @@ Command line (for looking at a header by hand):
   luks1.py selftest                  the known-answer tests
 """
 
-import hashlib
 import struct
 import sys
+
+from luks_common import aes, af_merge, crypt_sectors, essiv, iv_plain, iv_plain64, pbkdf2
 
 SECTOR = 512
 MAGIC = b'LUKS\xba\xbe'
@@ -115,36 +117,21 @@ def read_header(path):
 def sector_ciphers(cipher_name, cipher_mode, key):
     """A function: sector number -> a cryptography Cipher for that sector,
     for a LUKS1 cipher name and mode (table 2 of the specification)."""
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
     if cipher_name != 'aes':
         raise ValueError('cipher %r: only aes is implemented' % cipher_name)
     chain, _, ivgen = cipher_mode.partition('-')
     ivgen, _, iv_hash = ivgen.partition(':')
-
-    def number(sector):
-        if ivgen == 'plain':              # 32 bits, little-endian
-            return struct.pack('<I', sector & 0xFFFFFFFF) + bytes(12)
-        if ivgen in ('plain64', 'essiv'):   # 64 bits, little-endian
-            return struct.pack('<Q', sector) + bytes(8)
-        raise ValueError('IV generator %r is not implemented' % ivgen)
-
     if chain == 'ecb' and not ivgen:
-        return lambda sector: Cipher(algorithms.AES(key), modes.ECB())
-    if chain == 'xts' and ivgen in ('plain', 'plain64'):
-        return lambda sector: Cipher(algorithms.AES(key), modes.XTS(number(sector)))
-    if chain == 'cbc' and ivgen in ('plain', 'plain64'):
-        return lambda sector: Cipher(algorithms.AES(key), modes.CBC(number(sector)))
+        return lambda sector: aes(key, 'ecb')
+    if chain in ('xts', 'cbc') and ivgen in ('plain', 'plain64'):
+        # plain: 32 bits, little-endian; plain64: 64 bits
+        number = iv_plain if ivgen == 'plain' else iv_plain64
+        return lambda sector: aes(key, chain, number(sector))
     if chain == 'cbc' and ivgen == 'essiv':
         # ESSIV: the IV is the sector number encrypted with the hash of the
         # key as key (same cipher), so IVs can't be predicted.
-        salt = hashlib.new(iv_hash, key).digest()
-        ecb = Cipher(algorithms.AES(salt), modes.ECB())
-
-        def essiv(sector):
-            e = ecb.encryptor()
-            iv = e.update(number(sector)) + e.finalize()
-            return Cipher(algorithms.AES(key), modes.CBC(iv))
-        return essiv
+        iv = essiv(iv_hash, key)
+        return lambda sector: aes(key, 'cbc', iv(sector))
     raise ValueError('cipher mode %r is not implemented' % cipher_mode)
 
 
@@ -154,40 +141,11 @@ def crypt(encrypt, cipher_name, cipher_mode, key, data, first_sector=0):
     if len(data) % SECTOR:
         raise ValueError('%d bytes are not whole sectors' % len(data))
     make = sector_ciphers(cipher_name, cipher_mode, key)
-    out = bytearray()
-    for i in range(len(data) // SECTOR):
-        c = make(first_sector + i)
-        op = c.encryptor() if encrypt else c.decryptor()
-        out += op.update(data[i * SECTOR:(i + 1) * SECTOR]) + op.finalize()
-    return bytes(out)
+    return crypt_sectors(make, data, SECTOR, first_sector, 1, encrypt)
 
 
 # --- key slots -----------------------------------------------------------------
-def diffuse(block, hash_name):
-    """H1 of section 2.4.1: the block cut into digest-sized pieces, piece
-    i replaced by hash(i as 32-bit big-endian || piece), the last one
-    cropped to its length."""
-    size = hashlib.new(hash_name).digest_size
-    out = bytearray()
-    for i in range(0, len(block), size):
-        piece = block[i:i + size]
-        out += hashlib.new(hash_name, struct.pack('>I', i // size) + piece).digest()[:len(piece)]
-    return bytes(out)
-
-
-def af_merge(material, length, stripes, hash_name):
-    """AFmerge: d = 0, d = H(d xor s_k) for the first stripes-1 stripes,
-    then D = d xor the last stripe."""
-    d = bytes(length)
-    for k in range(stripes - 1):
-        s = material[k * length:(k + 1) * length]
-        d = diffuse(bytes(a ^ b for a, b in zip(d, s)), hash_name)
-    last = material[(stripes - 1) * length:stripes * length]
-    return bytes(a ^ b for a, b in zip(d, last))
-
-
-def pbkdf2(hash_name, secret, salt, iterations, length):
-    return hashlib.pbkdf2_hmac(hash_name, secret, salt, iterations, length)
+# AFmerge (with H1, diffuse()) and PBKDF2 are luks_common's.
 
 
 def key_is_master(hdr, key):

@@ -14,7 +14,11 @@
 # segment's iv_tweak plays no part, as 'cryptsetup open' maps a single
 # segment with an IV offset of 0 whatever iv_tweak says).
 #
-# Needs python3-cryptography, and python3-argon2 for Argon2 keyslots.
+# The anti-forensic merge, PBKDF2 and the pieces of the sector ciphers
+# (AES modes, IV numbers) are luks_common.py's, shared with luks1.py.
+#
+# Needs python3-cryptography (imported when a cipher is first made), and
+# python3-argon2 for Argon2 keyslots.
 #
 # Usage:
 #   luks2.py dump HEADER
@@ -47,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from luks_common import aes, af_merge, crypt_sectors, essiv, iv_plain, iv_plain64, pbkdf2
 
 # magic, version, hdr_size, seqid, label, csum_alg, salt, uuid,
 # subsystem, hdr_offset, padding, csum; then padding to 4096 bytes
@@ -94,10 +98,8 @@ class Copy:
         self.uuid = _cstr(uuid)
         self.csum_alg = _cstr(csum_alg)
         self.raw = bytes(data[:hdr_size])
-        h = hashlib.new(self.csum_alg)
-        h.update(self.raw[:CSUM_OFFSET] + bytes(64) +
-                 self.raw[CSUM_OFFSET + 64:])
-        if h.digest() != csum[:h.digest_size]:
+        want = checksum(self.raw, self.csum_alg)
+        if want != csum[:len(want)]:
             raise LUKS2Error('checksum mismatch')
         area = self.raw[BIN_SIZE:]
         text = area.split(b'\0', 1)[0]
@@ -200,60 +202,29 @@ class SectorCipher:
         self.cipher, self.mode, self.iv, self.ivhash = parse_cipher(spec)
         self.key = key
         if self.iv == 'essiv':
-            salt = hashlib.new(self.ivhash, key).digest()
-            self.essiv = Cipher(algorithms.AES(salt), modes.ECB())
+            self.essiv = essiv(self.ivhash, key)
 
     def iv_for(self, n):
         n &= (1 << 64) - 1
         if self.iv == 'plain64':
-            return struct.pack('<Q', n) + bytes(8)
+            return iv_plain64(n)
         if self.iv == 'plain':
-            return struct.pack('<I', n & 0xffffffff) + bytes(12)
+            return iv_plain(n)
         if self.iv == 'essiv':
-            enc = self.essiv.encryptor()
-            return enc.update(struct.pack('<Q', n) + bytes(8)) + \
-                enc.finalize()
+            return self.essiv(n)
         raise LUKS2Error(f'IV generator {self.iv} not supported')
 
-    def _one(self, data, ivnum, encrypt):
-        if self.mode == 'xts':
-            m = modes.XTS(self.iv_for(ivnum))
-        elif self.mode == 'cbc':
-            m = modes.CBC(self.iv_for(ivnum))
-        else:
-            m = modes.ECB()
-        c = Cipher(algorithms.AES(self.key), m)
-        op = c.encryptor() if encrypt else c.decryptor()
-        return op.update(data) + op.finalize()
+    def cipher_for(self, ivnum):
+        """The cryptography Cipher of the sector with IV number @ivnum"""
+        if self.mode in ('xts', 'cbc'):
+            return aes(self.key, self.mode, self.iv_for(ivnum))
+        return aes(self.key, 'ecb')
 
     def run(self, data, sector_size, first_iv, iv_step, encrypt):
         if len(data) % sector_size:
             raise LUKS2Error('data is not whole sectors')
-        out = bytearray()
-        for i in range(len(data) // sector_size):
-            chunk = data[i * sector_size:(i + 1) * sector_size]
-            out += self._one(chunk, first_iv + i * iv_step, encrypt)
-        return bytes(out)
-
-
-def diffuse(block, hashname):
-    h = hashlib.new(hashname)
-    ds = h.digest_size
-    out = bytearray()
-    for i in range(0, len(block), ds):
-        chunk = block[i:i + ds]
-        d = hashlib.new(hashname, struct.pack('>I', i // ds) + chunk)
-        out += d.digest()[:len(chunk)]
-    return bytes(out)
-
-
-def af_merge(material, key_size, stripes, hashname):
-    d = bytes(key_size)
-    for i in range(stripes - 1):
-        blk = material[i * key_size:(i + 1) * key_size]
-        d = diffuse(bytes(a ^ b for a, b in zip(d, blk)), hashname)
-    last = material[(stripes - 1) * key_size:stripes * key_size]
-    return bytes(a ^ b for a, b in zip(d, last))
+        return crypt_sectors(self.cipher_for, data, sector_size, first_iv,
+                             iv_step, encrypt)
 
 
 def kdf(ks, passphrase):
@@ -261,8 +232,7 @@ def kdf(ks, passphrase):
     salt = base64.b64decode(k['salt'])
     n = ks['area']['key_size']
     if k['type'] == 'pbkdf2':
-        return hashlib.pbkdf2_hmac(k['hash'], passphrase, salt,
-                                   k['iterations'], n)
+        return pbkdf2(k['hash'], passphrase, salt, k['iterations'], n)
     if k['type'] in ('argon2i', 'argon2id'):
         try:
             from argon2.low_level import hash_secret_raw, Type
@@ -279,9 +249,8 @@ def kdf(ks, passphrase):
 
 def check_digest(dig, key):
     want = base64.b64decode(dig['digest'])
-    got = hashlib.pbkdf2_hmac(dig['hash'], key,
-                              base64.b64decode(dig['salt']),
-                              dig['iterations'], len(want))
+    got = pbkdf2(dig['hash'], key, base64.b64decode(dig['salt']),
+                 dig['iterations'], len(want))
     return got == want
 
 
