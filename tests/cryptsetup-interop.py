@@ -193,6 +193,13 @@ COMBOS = [
       'hash-alg=sha1'], 'cbc-essiv:sha256', 256, 'sha1',
      ['cipher alg: aes-256', 'cipher mode: cbc', 'ivgen alg: essiv',
       'ivgen hash alg: sha256', 'hash alg: sha1']),
+    # A 24-byte key: key material that doesn't end on a sector boundary
+    ('aes-192-cbc-essiv:sha256/sha256', ['--cipher', 'aes-cbc-essiv:sha256',
+                                         '--key-size', '192'],
+     ['-o', 'cipher-alg=aes-192,cipher-mode=cbc,ivgen-alg=essiv,ivgen-hash-alg=sha256'],
+     'cbc-essiv:sha256', 192, 'sha256',
+     ['cipher alg: aes-192', 'cipher mode: cbc', 'ivgen alg: essiv',
+      'ivgen hash alg: sha256', 'hash alg: sha256']),
 ]
 
 for i, (name, csopts, qopts, mode, bits, hash_, infos) in enumerate(COMBOS, 1):

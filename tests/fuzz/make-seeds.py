@@ -38,11 +38,12 @@ import subprocess
 import sys
 import tempfile
 
-# Run by hand (not by scripts/test, which sets PYTHONPATH): tests/lib on
-# sys.path here.
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                'lib'))
-import luks2  # noqa: E402
+# Run by hand (not by scripts/test, which sets PYTHONPATH): tests/lib and
+# the iotests of the work tree (luks2_format) on sys.path here.
+TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(TOP, 'tests', 'lib'))
+sys.path.insert(0, os.path.join(TOP, 'build', 'qemu', 'tests', 'qemu-iotests'))
+import luks2_format as luks2fmt  # noqa: E402
 from proc import QEMU_IMG  # noqa: E402
 from specs import secret  # noqa: E402
 
@@ -87,15 +88,15 @@ def luks1_key_material_end(data, zero_inactive=True):
 def luks2_keyslots_end(data):
     """The end of the keyslots area of the LUKS2 header in data (a
     bytearray), zeroing what no keyslot uses of it"""
-    hdr_size = struct.unpack_from('>Q', data, 8)[0]
-    meta = json.loads(bytes(data[4096:hdr_size]).split(b'\0')[0])
-    end = 2 * hdr_size + int(meta['config']['keyslots_size'])
+    primary = luks2fmt.read_copies(data)[0]
+    meta = json.loads(primary.text)
+    end = luks2fmt.keyslots_end(meta, primary.hdr_size)
     used = bytearray(end)
     for ks in meta['keyslots'].values():
         if ks['type'] == 'luks2':
             offset, size = int(ks['area']['offset']), int(ks['area']['size'])
             used[offset:offset + size] = b'\1' * size
-    for i in range(2 * hdr_size, end):
+    for i in range(2 * primary.hdr_size, end):
         if not used[i]:
             data[i] = 0
     return end
@@ -233,14 +234,15 @@ def edit_json(edit):
     header with edit(text), as bytes that need not be JSON, and gives
     both copies a valid checksum again"""
     def damage(data):
-        hdr_size = struct.unpack_from('>Q', data, 8)[0]
-        text = edit(bytes(data[4096:hdr_size]).split(b'\0')[0])
-        assert len(text) < hdr_size - 4096
+        primary = luks2fmt.read_copies(data)[0]
+        hdr_size = primary.hdr_size
+        text = edit(primary.text)
+        assert len(text) < hdr_size - luks2fmt.BIN_SIZE
         for offset in (0, hdr_size):
-            data[offset + 4096:offset + hdr_size] = text + bytes(hdr_size - 4096 - len(text))
-            raw = bytes(data[offset:offset + hdr_size])
-            csum = luks2.checksum(raw, raw[72:104].split(b'\0')[0].decode())
-            data[offset + 448:offset + 448 + 64] = csum + bytes(64 - len(csum))
+            raw = bytearray(data[offset:offset + luks2fmt.BIN_SIZE])
+            raw += text + bytes(hdr_size - luks2fmt.BIN_SIZE - len(text))
+            luks2fmt.seal(raw)
+            data[offset:offset + hdr_size] = raw
     return damage
 
 
@@ -269,7 +271,7 @@ def regressions(tmp):
     def no_key_material(data):
         """What refuses a header is in its metadata: its key material,
         which doesn't compress, can go"""
-        hdr_size = struct.unpack_from('>Q', data, 8)[0]
+        hdr_size = luks2fmt.BinHeader(data).hdr_size
         data[2 * hdr_size:] = bytes(len(data) - 2 * hdr_size)
 
     def reg(name, damage):

@@ -15,7 +15,9 @@
 # segment with an IV offset of 0 whatever iv_tweak says).
 #
 # The anti-forensic merge, PBKDF2 and the pieces of the sector ciphers
-# (AES modes, IV numbers) are luks_common.py's, shared with luks1.py.
+# (AES modes, IV numbers) are luks_common.py's, shared with luks1.py;
+# the binary header, checksums and header copies are those of the
+# iotests' luks2_format.py, in the QEMU tree (tests/qemu-iotests).
 #
 # Needs python3-cryptography (imported when a cipher is first made), and
 # python3-argon2 for Argon2 keyslots.
@@ -51,85 +53,20 @@ import subprocess
 import sys
 import tempfile
 
+import luks2_format
+from luks2_format import BIN_SIZE, CSUM_OFFSET, HDR_SIZES, Copy  # noqa: F401
 from luks_common import aes, af_merge, crypt_sectors, essiv, iv_plain, iv_plain64, pbkdf2
 
-# magic, version, hdr_size, seqid, label, csum_alg, salt, uuid,
-# subsystem, hdr_offset, padding, csum; then padding to 4096 bytes
-BIN_FORMAT = '>6sHQQ48s32s64s40s48sQ184s64s'
-BIN_SIZE = 4096
-MAGIC = (b'LUKS\xba\xbe', b'SKUL\xba\xbe')
-HDR_SIZES = [0x4000 << i for i in range(9)]      # 16 KiB .. 4 MiB
-CSUM_OFFSET = 448
 SECTOR = 512
-STRIPES = 4000
-
-
-class LUKS2Error(Exception):
-    pass
-
-
-def _cstr(raw):
-    return raw.split(b'\0', 1)[0].decode('ascii', 'replace')
-
-
-class Copy:
-    """One copy of the header: binary header and JSON metadata"""
-
-    def __init__(self, data, offset, secondary):
-        if len(data) < BIN_SIZE:
-            raise LUKS2Error('short header')
-        fields = struct.unpack_from(BIN_FORMAT, data)
-        (magic, version, hdr_size, seqid, label, csum_alg, _salt, uuid,
-         subsystem, hdr_offset, _pad, csum) = fields
-        if magic != MAGIC[secondary]:
-            raise LUKS2Error('bad magic')
-        if version != 2:
-            raise LUKS2Error(f'version {version}')
-        if hdr_size not in HDR_SIZES:
-            raise LUKS2Error(f'bad header size {hdr_size}')
-        if hdr_offset != offset:
-            raise LUKS2Error('header offset mismatch')
-        if len(data) < hdr_size:
-            raise LUKS2Error('truncated header')
-        self.hdr_size = hdr_size
-        self.seqid = seqid
-        self.label = _cstr(label)
-        self.subsystem = _cstr(subsystem)
-        self.uuid = _cstr(uuid)
-        self.csum_alg = _cstr(csum_alg)
-        self.raw = bytes(data[:hdr_size])
-        want = checksum(self.raw, self.csum_alg)
-        if want != csum[:len(want)]:
-            raise LUKS2Error('checksum mismatch')
-        area = self.raw[BIN_SIZE:]
-        text = area.split(b'\0', 1)[0]
-        if len(text) == len(area) or area[len(text):].strip(b'\0'):
-            raise LUKS2Error('JSON area not NUL-terminated/padded')
-        self.json = json.loads(text)
-
-
-def checksum(raw, alg='sha256'):
-    """The checksum of a header copy @raw, whose csum field is ignored"""
-    h = hashlib.new(alg)
-    h.update(raw[:CSUM_OFFSET] + bytes(64) + raw[CSUM_OFFSET + 64:])
-    return h.digest()
+LUKS2Error = luks2_format.LUKS2FormatError
+_cstr = luks2_format.cstr
+checksum = luks2_format.checksum
 
 
 def build_copy(template, metadata, offset, secondary):
     """A header copy like @template (bytes) with JSON @metadata"""
-    hdr_size = struct.unpack_from('>Q', template, 8)[0]
     text = json.dumps(metadata, separators=(',', ':')).encode()
-    if len(text) >= hdr_size - BIN_SIZE:
-        raise LUKS2Error('JSON metadata too large')
-    raw = bytearray(template[:BIN_SIZE])
-    raw[0:6] = MAGIC[secondary]
-    struct.pack_into('>Q', raw, 256, offset)
-    raw += text + bytes(hdr_size - BIN_SIZE - len(text))
-    alg = _cstr(raw[72:104])
-    raw[CSUM_OFFSET:CSUM_OFFSET + 64] = bytes(64)
-    csum = checksum(raw, alg)
-    raw[CSUM_OFFSET:CSUM_OFFSET + len(csum)] = csum
-    return bytes(raw)
+    return luks2_format.build_copy(template, text, offset, secondary)
 
 
 class Header:
