@@ -319,9 +319,26 @@ check('Key Slot 1: ENABLED' in r.out, 'amend: luksDump shows key slot 1 enabled'
 check(slot_of('q1.hdr', 'key2') == 1, 'amend: the independent unlock opens slot 1 with it')
 check(testpass('q1.hdr', 'q1.raw', 'key2').ok,
       'amend: cryptsetup --test-passphrase accepts the added passphrase')
+
+
+def key_material(path, slot):
+    """The sectors of the key material of LUKS1 keyslot @slot at @path"""
+    hdr = luks1.read_header(path)
+    s = hdr.slots[slot]
+    n = -(-hdr.key_bytes * s['stripes'] // 512)
+    with open(path, 'rb') as f:
+        f.seek(s['key-offset'] * 512)
+        data = f.read(n * 512)
+    return [data[i:i + 512] for i in range(0, len(data), 512)]
+
+
+erased = key_material('q1.hdr', 0)
 r = qemu_img('amend', '--object', secret(file='key2'), '--object', secret('old', file='key1'),
              '-o', 'state=inactive,old-secret=old', spec('q1.hdr'))
 check(r.ok, 'amend: qemu-img amend on the header alone erases the first key', r)
+after = key_material('q1.hdr', 0)
+check(len(after) == len(erased) and all(x != y for x, y in zip(erased, after)),
+      'amend: every sector of the erased key material was overwritten (%d sectors)' % len(erased))
 r = cs('luksDump', 'q1.hdr')
 check('Key Slot 0: DISABLED' in r.out, 'amend: luksDump shows key slot 0 disabled', r)
 r = testpass('q1.hdr', 'q1.raw', 'key1')
