@@ -41,6 +41,7 @@ import asyncio
 import hashlib
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -421,12 +422,16 @@ def step_name(text):
 
 # --- the tests -------------------------------------------------------------------
 TESTS = []
+BY_NAME_ONLY = set()
 
 
-def guest_test(seconds):
-    """Register a test with its deadline."""
+def guest_test(seconds, by_name_only=False):
+    """Register a test with its deadline; by_name_only: it runs only when
+    named on the command line (it changes the host)."""
     def add(fn):
         TESTS.append((fn, seconds))
+        if by_name_only:
+            BY_NAME_ONLY.add(fn.__name__)
         return fn
     return add
 
@@ -889,6 +894,126 @@ def libvirt(d):
               "unchanged (%s)" % (what, ', '.join(HOST_LIBVIRT)))
 
 
+@guest_test(300, by_name_only=True)
+def libvirt_system(d):
+    """The README's hotplug on libvirt's system daemon (qemu:///system),
+    with the installed QEMU as user libvirt-qemu and DAC labelling on.
+    Only when named: it starts the host's libvirtd and virtlogd if they
+    are not running (scripts/lib/package-check, after installing the
+    packages and libvirt-daemon-system), and stops those it started."""
+    what = 'libvirt system'
+    uri = 'qemu:///system'
+    gone = missing_tools(commands=['libvirtd', 'virtlogd', 'virsh'])
+    if not check(not gone and os.geteuid() == 0, what + ': run as root, with libvirtd, '
+                 'virtlogd and virsh installed (libvirt-daemon-system)', 'missing: %s' % gone):
+        return
+    try:
+        qemu_user = pwd.getpwnam('libvirt-qemu')
+    except KeyError:
+        check(False, what + ': the user libvirt-qemu exists (libvirt-daemon-system)')
+        return
+    env = dict(ENV, PATH='/usr/sbin:/usr/bin:/sbin:/bin')
+
+    def virsh(*args, timeout=60):
+        return run(['virsh', '-q', '-c', uri] + list(args), timeout, env=env)
+    started = []
+    for daemon, pidfile in (('virtlogd', '/run/virtlogd.pid'),
+                            ('libvirtd', '/run/libvirtd.pid')):
+        if not run(['pgrep', '-x', daemon]).ok:
+            r = run([daemon, '-d'], env=env)
+            if not check(r.ok, what + ': %s -d starts' % daemon, r):
+                return
+            started.append(pidfile)
+    t0 = time.time()
+    while time.time() - t0 < 60 and not virsh('version', timeout=20).ok:
+        time.sleep(0.5)
+    r = virsh('version')
+    if not check(r.ok and 'QEMU 7.2.22' in r.out, what + ': virsh -c qemu:///system version '
+                 'names QEMU 7.2.22 (after %.0f s)' % (time.time() - t0), r):
+        return
+    lv = os.path.join('/var/lib/libvirt/images', 'luksdh-e2e-%d' % os.getpid())
+    os.makedirs(lv)
+    qemu_pid = None
+    try:
+        os.chmod(lv, 0o755)
+        plain = Plain(lv, 't7', 0x6b)
+        h, p = make_detached(lv, 't7', what, plain)
+        shutil.copy(KERNEL, os.path.join(lv, 'vmlinuz'))
+        shutil.copy(INITRD, os.path.join(lv, 'initrd.img'))
+        console = os.path.join(lv, 'console.log')
+        actions = ['list', 'wait:vda:60'] + plain.reads('vda') + ['poweroff']
+        xml_path = os.path.join(lv, 'domain.xml')
+        with open(xml_path, 'w') as f:
+            f.write(DOMAIN_XML.format(name=DOMAIN, lv=lv, actions=','.join(actions),
+                                      emulator=QEMU_SYSTEM, console=console, qemu_args=''))
+        r = virsh('define', xml_path)
+        check(r.ok, what + ': virsh define', r)
+        r = virsh('start', DOMAIN, timeout=150)
+        if not check(r.ok, what + ': virsh start starts the domain', '%s\n%s' % (
+                r, text('/var/log/libvirt/qemu/%s.log' % DOMAIN))):
+            return
+        try:
+            qemu_pid = int(read('/run/libvirt/qemu/%s.pid' % DOMAIN).strip())
+        except (ValueError, AttributeError):
+            pass
+        user = run(['ps', '-o', 'user=', '-p', str(qemu_pid)]).out.strip()
+        cmdline = text('/proc/%s/cmdline' % qemu_pid).split('\0')
+        check(user == 'libvirt-qemu' and cmdline[:1] == [QEMU_SYSTEM],
+              what + ': the domain runs %s as libvirt-qemu' % QEMU_SYSTEM,
+              'user %r, command %r' % (user, cmdline[:1]))
+        r = virsh('qemu-monitor-command', '--hmp', DOMAIN, 'info version')
+        check(r.ok and '+luksdh' in r.out, what + ": HMP 'info version' names the series' "
+              'package', r)
+
+        def domain_alive():
+            try:
+                os.kill(qemu_pid, 0)
+                return True
+            except (OSError, TypeError):
+                return False
+        g = FileConsole(console, domain_alive)
+        check(g.wait(r'disks\s*', 60), what + ': the guest boots with no disk', g.tail())
+
+        def monitor(text):
+            r = virsh('qemu-monitor-command', DOMAIN, text)
+            try:
+                return r, json.loads(r.out.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                return r, {}
+        steps = [fill(t, h, p) for t in readme_hotplug()]
+        # Root's files, which libvirt doesn't know: DAC refuses QEMU
+        r, resp = monitor(steps[1])
+        check('Permission denied' in r.out and 'return' not in resp,
+              what + ": the header, root's and unknown to libvirt, is refused: "
+              'Permission denied', r)
+        # As the README says: the files go to the user QEMU runs as
+        for x in (h, p):
+            os.chown(x, qemu_user.pw_uid, qemu_user.pw_gid)
+        for i, t in enumerate(steps, 1):
+            r, resp = monitor(t)
+            check(r.ok and 'return' in resp, '%s: step %d: virsh qemu-monitor-command %s'
+                  % (what, i, step_name(t)), r)
+        check(g.wait(r'appeared vda'), what + ': the guest sees the hotplugged disk', g.tail())
+        guest_reads(g, 'vda', what, plain)
+        end = time.time() + 30
+        while time.time() < end and domain_alive():
+            time.sleep(0.5)
+        r = virsh('domstate', '--reason', DOMAIN)
+        check(r.ok and r.out.strip() == 'shut off (shutdown)',
+              what + ': the guest powers off: "shut off (shutdown)"', r)
+    finally:
+        virsh('destroy', DOMAIN, timeout=20)
+        virsh('undefine', DOMAIN, timeout=20)
+        if qemu_pid and 'qemu-system' in text('/proc/%d/cmdline' % qemu_pid):
+            os.kill(qemu_pid, signal.SIGKILL)
+        shutil.rmtree(lv, ignore_errors=True)
+        for pidfile in reversed(started):
+            try:
+                os.kill(int(read(pidfile).strip()), signal.SIGTERM)
+            except (OSError, ValueError, AttributeError):
+                pass
+
+
 # --- one header, two disks ------------------------------------------------------
 DISK_B = 48 * MiB            # disk B's size tells vda and vdb apart
 W_OFF, W_LEN = 16 * MiB, MiB   # where the guest writes: 0x5c on A, 0x3c on B
@@ -1272,6 +1397,8 @@ def main(want):
     signal.signal(signal.SIGALRM, on_alarm)
     for fn, limit in TESTS:
         if want and fn.__name__ not in want:
+            continue
+        if not want and fn.__name__ in BY_NAME_ONLY:
             continue
         d = os.path.join(tmp, fn.__name__)
         os.makedirs(d)

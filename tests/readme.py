@@ -9,6 +9,10 @@ A comment <!-- readme-test: ... --> right before a block says otherwise:
                         checkout (the build and test commands themselves)
   guest-e2e TEST...     needs a guest: tests/guest-e2e.py runs its text in
                         those tests; here it must parse as they read it
+  package-check (why)   needs the packages that scripts/package builds:
+                        scripts/lib/package-check runs it as written, from
+                        the checkout, once they are built; here its
+                        programs must be installed or in the checkout
 Prints TAP."""
 
 import json
@@ -43,6 +47,14 @@ for line, mark, text in blocks:
         bad = [c for c in cmds if not os.access(os.path.join(TOP, c), os.X_OK)]
         check(cmds and not bad, '%s: not run here %s; its commands %s exist in the checkout'
               % (what, mark[len(kind):].strip(), ', '.join(cmds)), 'missing: %s' % bad)
+    elif kind == 'package-check':
+        words = [x.split()[0] for x in text.replace('\\\n', ' ').split('\n')
+                 if x.strip() and not x.startswith('#')]
+        bad = [c for c in words if not (os.access(os.path.join(TOP, c), os.X_OK) or
+                                        run(['bash', '-c', 'command -v ' + c]).ok)]
+        check(words and not bad, '%s: run by scripts/package --check %s; its programs %s '
+              'are installed or in the checkout' % (what, mark[len(kind):].strip(),
+                                                    ', '.join(words)), 'missing: %s' % bad)
     elif kind == 'guest-e2e':
         tests = ', '.join(mark.split()[1:])
         if first.startswith('virsh'):

@@ -9,7 +9,8 @@ and qemu.qmp) and build/qemu/tests/qemu-iotests (its iotests.py).
                  scripts/lib/lib.sh finds it: QEMU_LUKS_BUILD (default
                  build/ of this checkout) holds qemu/ (the source tree)
                  and obj/; QEMU_IMG, QEMU_IO, QEMU_NBD, QEMU_SYSTEM, QSD
-                 its binaries
+                 its binaries, or those in QEMU_LUKS_BINDIR if it is set
+                 (installed packages)
   ENV            the environment of commands: the binaries under test
                  first on PATH, messages in English
   run()          a command with a time limit, output and status captured
@@ -42,17 +43,26 @@ TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 BUILD = os.environ.get('QEMU_LUKS_BUILD') or os.path.join(TOP, 'build')
 SRC = os.path.join(BUILD, 'qemu')
 OBJ = os.path.join(BUILD, 'obj')
-QEMU_IMG = os.path.join(OBJ, 'qemu-img')
-QEMU_IO = os.path.join(OBJ, 'qemu-io')
-QEMU_NBD = os.path.join(OBJ, 'qemu-nbd')
-QEMU_SYSTEM = os.path.join(OBJ, 'qemu-system-x86_64')
-QSD = os.path.join(OBJ, 'storage-daemon', 'qemu-storage-daemon')
+# QEMU_LUKS_BINDIR: installed binaries to test instead, all in one
+# directory (/usr/bin for the packages of scripts/package)
+BINDIR = os.environ.get('QEMU_LUKS_BINDIR')
+if BINDIR:
+    QEMU_IMG, QEMU_IO, QEMU_NBD, QEMU_SYSTEM, QSD = (
+        os.path.join(BINDIR, name) for name in (
+            'qemu-img', 'qemu-io', 'qemu-nbd', 'qemu-system-x86_64',
+            'qemu-storage-daemon'))
+else:
+    QEMU_IMG = os.path.join(OBJ, 'qemu-img')
+    QEMU_IO = os.path.join(OBJ, 'qemu-io')
+    QEMU_NBD = os.path.join(OBJ, 'qemu-nbd')
+    QEMU_SYSTEM = os.path.join(OBJ, 'qemu-system-x86_64')
+    QSD = os.path.join(OBJ, 'storage-daemon', 'qemu-storage-daemon')
 IOTESTS = os.path.join(SRC, 'tests', 'qemu-iotests')
 MiB = 1 << 20
 
 # Commands see the binaries under test first, and messages in English.
-ENV = dict(os.environ, PATH=OBJ + os.pathsep + os.environ.get('PATH', '/usr/bin:/bin'),
-           LC_ALL='C')
+ENV = dict(os.environ, PATH=(BINDIR or OBJ) + os.pathsep +
+           os.environ.get('PATH', '/usr/bin:/bin'), LC_ALL='C')
 
 
 # --- commands ---------------------------------------------------------------
